@@ -1,0 +1,47 @@
+# cxr-covid-nbdev: `make dashboard` serves the dashboard, `make test` runs every check CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+PORT ?= 8866
+SHARED ?= $(abspath ../shared)
+
+.PHONY: install install-dev browser dashboard test check-drift nbtest pytest docs bench help
+
+help:
+	@echo "make dashboard  install and serve the clinician dashboard on http://127.0.0.1:$(PORT)"
+	@echo "make test       install everything and run the checks CI runs"
+	@echo "make docs       build the documentation site with Jupyter Book into _build/html"
+	@echo "make bench      run the benchmarks (not tests)"
+
+install:
+	$(PIP) install -q -e .
+
+install-dev:
+	$(PIP) install -q -e ".[dev]"
+
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+dashboard: install
+	cxr-covid dashboard --port $(PORT)
+
+# The notebooks are the source: cleaning and exporting them must change nothing.
+check-drift:
+	@snap() { find nbs cxr_covid_nbdev -type f \( -name '*.ipynb' -o -name '*.py' \) -not -path '*/.ipynb_checkpoints/*' | sort | xargs md5sum | md5sum; }; \
+	before=$$(snap); nbdev-clean && nbdev-export; after=$$(snap); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev-clean/nbdev-export changed files: commit clean, exported notebooks"; git status --short -- nbs cxr_covid_nbdev; exit 1; fi
+
+nbtest:
+	CXR_SHARED=$(SHARED) nbdev-test --n-workers 2 --timing
+
+pytest:
+	CXR_SHARED=$(SHARED) $(PYTHON) -m pytest -q -ra
+
+test: install-dev browser check-drift nbtest pytest
+
+docs: install-dev
+	$(PYTHON) -m cxr_covid_nbdev.docs build
+
+bench: install-dev
+	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_prepare.py
+	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_predict.py
