@@ -6,11 +6,13 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/core.html.md"""
 
 # %% auto #0
 __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SIZE', 'MANIFEST_COLUMNS', 'MODEL_FILES',
-           'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes', 'atomic_write_text', 'to_jsonable',
-           'atomic_write_json', 'atomic_dir', 'seed_everything', 'library_versions', 'utc_timestamp', 'NoModelError',
-           'default_model_dir', 'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir']
+           'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes', 'atomic_write_text',
+           'to_jsonable', 'atomic_write_json', 'atomic_dir', 'seed_everything', 'library_versions', 'utc_timestamp',
+           'NoModelError', 'default_model_dir', 'default_registry_dir', 'is_model_dir', 'production_model_dir',
+           'resolve_model_dir', 'fit_longest_side', 'model_input', 'create_model', 'save_model_dir', 'read_meta',
+           'load_model_dir']
 
-# %% ../nbs/00_core.ipynb #3afb2b63
+# %% ../nbs/00_core.ipynb #13d259f8
 import hashlib, json, os, random, shutil, sys, tempfile, platform
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-# %% ../nbs/00_core.ipynb #fb829568
+# %% ../nbs/00_core.ipynb #8619f7b1
 LABELS = ('COVID-19', 'Normal', 'Not Certain', 'Pneumonia')
 NOT_CERTAIN = 'Not Certain'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 350
 MANIFEST_COLUMNS = ('path', 'label', 'patient_id', 'source', 'split', 'sha1')
 
-# %% ../nbs/00_core.ipynb #4f457ee6
+# %% ../nbs/00_core.ipynb #5167840a
 _LABEL_ALIASES = {
     'covid-19': 'COVID-19', 'covid19': 'COVID-19', 'covid': 'COVID-19',
     'normal': 'Normal', 'pneumonia': 'Pneumonia', 'viral pneumonia': 'Pneumonia',
@@ -41,7 +43,7 @@ def check_label(label:str # a class name as a dataset spells it
     if key in _LABEL_ALIASES: return _LABEL_ALIASES[key]
     raise ValueError(f"Unknown label {label!r}: expected one of {', '.join(LABELS)}")
 
-# %% ../nbs/00_core.ipynb #61d299ef
+# %% ../nbs/00_core.ipynb #5c6dfb32
 def file_digest(path:Path|str, # file to hash
                 algorithm:str='sha1', # any `hashlib` algorithm name
                 chunk:int=1<<20)->str: # hex digest
@@ -51,7 +53,7 @@ def file_digest(path:Path|str, # file to hash
         while (b := f.read(chunk)): h.update(b)
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #a0c81a9a
+# %% ../nbs/00_core.ipynb #063a78a2
 def fsync_dir(path:Path|str):
     "Flush the directory entry of `path` so a rename survives a crash"
     fd = os.open(path, os.O_RDONLY)
@@ -90,7 +92,7 @@ def atomic_write_json(path:Path|str, obj)->Path:
     "Write `obj` as indented JSON to `path` atomically"
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + '\n')
 
-# %% ../nbs/00_core.ipynb #5f1b48be
+# %% ../nbs/00_core.ipynb #8a164991
 @contextmanager
 def atomic_dir(target:Path|str, # folder to create; must not exist unless `overwrite`
                overwrite:bool=False): # replace an existing `target`
@@ -115,7 +117,7 @@ def atomic_dir(target:Path|str, # folder to create; must not exist unless `overw
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/00_core.ipynb #9d4405e7
+# %% ../nbs/00_core.ipynb #07b46686
 def seed_everything(seed:int=42):
     "Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run"
     import torch
@@ -138,7 +140,7 @@ def utc_timestamp()->str:
     "The current UTC time as `YYYYmmddTHHMMSSZ`, usable as a folder name"
     return datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')
 
-# %% ../nbs/00_core.ipynb #b4bef257
+# %% ../nbs/00_core.ipynb #5ae6b885
 MODEL_FILES = ('model.safetensors', 'meta.json')
 
 class NoModelError(FileNotFoundError):
@@ -177,3 +179,79 @@ def resolve_model_dir(model:Path|str|None=None, # a model folder; `None` picks p
     raise NoModelError("No model yet: the registry has no production model and no default model is "
                        "installed. Train one with `cxr-covid train DATA --out MODEL_DIR` and pass "
                        "`--model MODEL_DIR`.")
+
+# %% ../nbs/00_core.ipynb #d8991bf4
+from PIL import Image
+
+def fit_longest_side(img:Image.Image, # any PIL image
+                     max_side:int)->Image.Image: # the longer side at most this, aspect ratio kept
+    "Shrink `img` (never enlarge) so its longer side is at most `max_side`, with LANCZOS"
+    w, h = img.size
+    if max(w, h) <= max_side: return img
+    scale = max_side / max(w, h)
+    return img.resize((max(1, round(w*scale)), max(1, round(h*scale))), Image.LANCZOS)
+
+def model_input(img:Image.Image, # 8-bit grayscale (mode `L`) image
+                size:int, # side of the square the network sees
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)->np.ndarray: # float32, 3×size×size
+    "Squish `img` to `size`×`size` (bilinear), make it 3-channel and normalise it"
+    x = np.asarray(img.convert('L').resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.
+    x = np.repeat(x[None], 3, axis=0)
+    return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+
+# %% ../nbs/00_core.ipynb #0509bf56
+MODEL_FORMAT = 'cxr-covid-nbdev/model-1'
+
+def create_model(arch:str='resnet50', # a torchvision model function name: resnet18, resnet50, densenet121...
+                 n_out:int=len(LABELS), # number of classes
+                 pretrained:bool=False, # load torchvision's ImageNet weights (needs the internet or a cache)
+                 **head_kwargs): # passed to fastai's `create_vision_model` (`lin_ftrs`, `ps`, `concat_pool`...)
+    "The fastai vision model for `arch` with a `n_out`-class head"
+    import torchvision.models as tvm
+    from fastai.vision.learner import create_vision_model
+    if not hasattr(tvm, arch) or not callable(getattr(tvm, arch)):
+        raise ValueError(f"Unknown architecture {arch!r}: use a torchvision model name such as resnet18 or resnet50")
+    return create_vision_model(getattr(tvm, arch), n_out, pretrained=pretrained, **head_kwargs)
+
+def save_model_dir(model, # a `torch.nn.Module` (e.g. `learn.model`)
+                   meta:dict, # metadata; `format`, `dtype`, `sha256` and `created_utc` are filled in
+                   out:Path|str, # the model folder to create
+                   metrics:dict|None=None, # written to `metrics.json`
+                   extra_files:dict|None=None, # more files: name -> text
+                   dtype:str='float32', # 'float16' halves the file
+                   overwrite:bool=False)->Path:
+    "Write `model.safetensors`, `meta.json` (and `metrics.json`) into `out`, atomically"
+    import torch
+    from safetensors.torch import save_file
+    out = Path(out)
+    tdtype = {'float32': torch.float32, 'float16': torch.float16}[dtype]
+    state = {k: (v.detach().to('cpu', tdtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k,v in model.state_dict().items()}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp/'model.safetensors'))
+        meta = {**meta, 'format': MODEL_FORMAT, 'dtype': dtype,
+                'sha256': file_digest(tmp/'model.safetensors', 'sha256'),
+                'created_utc': meta.get('created_utc') or utc_timestamp()}
+        atomic_write_json(tmp/'meta.json', meta)
+        if metrics is not None: atomic_write_json(tmp/'metrics.json', metrics)
+        for name, text in (extra_files or {}).items(): atomic_write_text(tmp/name, text)
+    return out
+
+def read_meta(model_dir:Path|str)->dict:
+    "The `meta.json` of a model folder"
+    return json.loads((Path(model_dir)/'meta.json').read_text())
+
+def load_model_dir(model_dir:Path|str, # a folder written by `save_model_dir`
+                   device:str='cpu'):
+    "`(model, meta)`: the network in eval mode, float32, with its checked weights"
+    from safetensors.torch import load_file
+    model_dir = Path(model_dir)
+    if not is_model_dir(model_dir): raise NoModelError(f"{model_dir} is not a model folder")
+    meta = read_meta(model_dir)
+    digest = file_digest(model_dir/'model.safetensors', 'sha256')
+    if digest != meta.get('sha256'):
+        raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in meta.json: the file is damaged or was replaced")
+    model = create_model(meta['arch'], len(meta['labels']), pretrained=False, **meta.get('head', {}))
+    state = {k: (v.float() if v.is_floating_point() else v) for k,v in load_file(str(model_dir/'model.safetensors')).items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

@@ -1,0 +1,43 @@
+"Shared fixtures: where the real data lives, and small models trained once per test session."
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO/'test-artifacts'
+
+
+def shared_data_dir() -> Path:
+    "`$CXR_SHARED/data`, or `../shared/data` beside the checkout: real images are never copied into the repo"
+    root = Path(os.environ.get('CXR_SHARED') or REPO.parent/'shared')
+    data = root/'data'
+    if not (data/'cxr-real'/'manifest.csv').is_file():
+        raise RuntimeError(f"Real data not found at {data}: set CXR_SHARED to the folder that holds data/cxr-real")
+    return data
+
+
+@pytest.fixture(scope='session')
+def cxr_real() -> Path:
+    "The 371-image developers' sample, one folder per class plus manifest.csv"
+    return shared_data_dir()/'cxr-real'
+
+
+@pytest.fixture(scope='session')
+def cxr_train() -> Path:
+    "The 2,884-image training corpus with a patient-level split column"
+    return shared_data_dir()/'cxr-train'
+
+
+@pytest.fixture(scope='session')
+def dicom_file():
+    "Path of a real DICOM file shipped by PyPI's pydicom-data (RG1_UNCI.dcm, RG1_J2KR.dcm, RG3_UNCI.dcm...)"
+    from pydicom.data import get_testdata_file
+    return lambda name: Path(get_testdata_file(name))
+
+
+@pytest.fixture(scope='session')
+def artifacts() -> Path:
+    "Folder for screenshots and other files a test leaves for people to look at"
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
