@@ -7,12 +7,12 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/core.html.md"""
 # %% auto #0
 __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SIZE', 'MANIFEST_COLUMNS', 'MODEL_FILES',
            'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes', 'atomic_write_text',
-           'to_jsonable', 'atomic_write_json', 'atomic_dir', 'seed_everything', 'library_versions', 'utc_timestamp',
-           'NoModelError', 'default_model_dir', 'default_registry_dir', 'is_model_dir', 'production_model_dir',
-           'resolve_model_dir', 'fit_longest_side', 'model_input', 'create_model', 'save_model_dir', 'read_meta',
-           'load_model_dir', 'softmax_t', 'energy_score']
+           'to_jsonable', 'atomic_write_json', 'atomic_dir', 'shared_data_dir', 'seed_everything', 'library_versions',
+           'utc_timestamp', 'NoModelError', 'default_model_dir', 'default_registry_dir', 'is_model_dir',
+           'production_model_dir', 'resolve_model_dir', 'fit_longest_side', 'model_input', 'create_model',
+           'save_model_dir', 'read_meta', 'load_model_dir', 'softmax_t', 'energy_score']
 
-# %% ../nbs/00_core.ipynb #286df690
+# %% ../nbs/00_core.ipynb #86c1db1a
 import hashlib, json, os, random, shutil, sys, tempfile, platform
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-# %% ../nbs/00_core.ipynb #a5ab25c3
+# %% ../nbs/00_core.ipynb #7ac9b5f6
 LABELS = ('COVID-19', 'Normal', 'Not Certain', 'Pneumonia')
 NOT_CERTAIN = 'Not Certain'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 350
 MANIFEST_COLUMNS = ('path', 'label', 'patient_id', 'source', 'split', 'sha1')
 
-# %% ../nbs/00_core.ipynb #7ae03cfd
+# %% ../nbs/00_core.ipynb #a2a1a274
 _LABEL_ALIASES = {
     'covid-19': 'COVID-19', 'covid19': 'COVID-19', 'covid': 'COVID-19',
     'normal': 'Normal', 'pneumonia': 'Pneumonia', 'viral pneumonia': 'Pneumonia',
@@ -43,7 +43,7 @@ def check_label(label:str # a class name as a dataset spells it
     if key in _LABEL_ALIASES: return _LABEL_ALIASES[key]
     raise ValueError(f"Unknown label {label!r}: expected one of {', '.join(LABELS)}")
 
-# %% ../nbs/00_core.ipynb #d7606da2
+# %% ../nbs/00_core.ipynb #26ff5bc6
 def file_digest(path:Path|str, # file to hash
                 algorithm:str='sha1', # any `hashlib` algorithm name
                 chunk:int=1<<20)->str: # hex digest
@@ -53,7 +53,7 @@ def file_digest(path:Path|str, # file to hash
         while (b := f.read(chunk)): h.update(b)
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #64238f6b
+# %% ../nbs/00_core.ipynb #1a27c3f6
 def fsync_dir(path:Path|str):
     "Flush the directory entry of `path` so a rename survives a crash"
     fd = os.open(path, os.O_RDONLY)
@@ -92,7 +92,7 @@ def atomic_write_json(path:Path|str, obj)->Path:
     "Write `obj` as indented JSON to `path` atomically"
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + '\n')
 
-# %% ../nbs/00_core.ipynb #67cb01c2
+# %% ../nbs/00_core.ipynb #cd304654
 @contextmanager
 def atomic_dir(target:Path|str, # folder to create; must not exist unless `overwrite`
                overwrite:bool=False): # replace an existing `target`
@@ -117,7 +117,14 @@ def atomic_dir(target:Path|str, # folder to create; must not exist unless `overw
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/00_core.ipynb #6abe11c9
+# %% ../nbs/00_core.ipynb #f7ee9096
+def shared_data_dir()->Path:
+    "`$CXR_SHARED/data`, or `../shared/data` beside the checkout"
+    import cxr_covid_nbdev
+    root = os.environ.get('CXR_SHARED') or Path(cxr_covid_nbdev.__file__).resolve().parents[2]/'shared'
+    return Path(root)/'data'
+
+# %% ../nbs/00_core.ipynb #034413c4
 def seed_everything(seed:int=42):
     "Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run"
     import torch
@@ -140,7 +147,7 @@ def utc_timestamp()->str:
     "The current UTC time as `YYYYmmddTHHMMSSZ`, usable as a folder name"
     return datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')
 
-# %% ../nbs/00_core.ipynb #3b78f7c6
+# %% ../nbs/00_core.ipynb #6f916994
 MODEL_FILES = ('model.safetensors', 'meta.json')
 
 class NoModelError(FileNotFoundError):
@@ -180,7 +187,7 @@ def resolve_model_dir(model:Path|str|None=None, # a model folder; `None` picks p
                        "installed. Train one with `cxr-covid train DATA --out MODEL_DIR` and pass "
                        "`--model MODEL_DIR`.")
 
-# %% ../nbs/00_core.ipynb #eafabcc2
+# %% ../nbs/00_core.ipynb #f1461523
 from PIL import Image
 
 def fit_longest_side(img:Image.Image, # any PIL image
@@ -199,7 +206,7 @@ def model_input(img:Image.Image, # 8-bit grayscale (mode `L`) image
     x = np.repeat(x[None], 3, axis=0)
     return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
 
-# %% ../nbs/00_core.ipynb #44e7931a
+# %% ../nbs/00_core.ipynb #4ed248e5
 MODEL_FORMAT = 'cxr-covid-nbdev/model-1'
 
 def create_model(arch:str='resnet50', # a torchvision model function name: resnet18, resnet50, densenet121...
@@ -256,7 +263,7 @@ def load_model_dir(model_dir:Path|str, # a folder written by `save_model_dir`
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
-# %% ../nbs/00_core.ipynb #c700e3bf
+# %% ../nbs/00_core.ipynb #f1c0bf3d
 def softmax_t(logits:np.ndarray, # N×C logits
               temperature:float=1.0)->np.ndarray: # N×C probabilities
     "Softmax of `logits / temperature`, numerically stable"
