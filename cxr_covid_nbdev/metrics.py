@@ -9,11 +9,11 @@ __all__ = ['encode_labels', 'auroc_ci', 'sensitivity_at_specificity', 'reliabili
            'compute_metrics', 'metrics_table', 'format_metrics', 'plot_confusion_matrix', 'plot_roc',
            'plot_reliability']
 
-# %% ../nbs/04_metrics.ipynb #f9d899ee
+# %% ../nbs/04_metrics.ipynb #ce22e646
 import numpy as np
 from .core import *
 
-# %% ../nbs/04_metrics.ipynb #316119cd
+# %% ../nbs/04_metrics.ipynb #d53b6bf8
 def encode_labels(y_true, # label names (or integer indices into `labels`)
                   labels=LABELS)->np.ndarray: # integer class indices
     "The indices of `y_true` in `labels`, or a `ValueError` naming an unknown label"
@@ -34,25 +34,33 @@ def _check_probs(probs, n, labels):
     if n == 0: raise ValueError("No predictions to evaluate")
     return p
 
-# %% ../nbs/04_metrics.ipynb #7b8ff7cd
+# %% ../nbs/04_metrics.ipynb #0d0aff9f
+def _auc_rank(y_bin:np.ndarray, score:np.ndarray)->np.ndarray:
+    "AUROC of each row by the Mann–Whitney rank formula (ties get average ranks), as `roc_auc_score`"
+    from scipy.stats import rankdata
+    r = rankdata(score, axis=-1)
+    npos = y_bin.sum(-1)
+    nneg = y_bin.shape[-1] - npos
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return ((r * y_bin).sum(-1) - npos * (npos + 1) / 2) / (npos * nneg)
+
 def auroc_ci(y_bin:np.ndarray, # 1 for the class, 0 for the rest
              score:np.ndarray, # the class's probability
              n_boot:int=1000, # bootstrap resamples (0: no interval)
              seed:int=42)->dict: # `{'value', 'ci95'}`, both `None` if one side is missing
     "One-vs-rest AUROC and its percentile-bootstrap 95% interval"
     from sklearn.metrics import roc_auc_score
-    y_bin, score = np.asarray(y_bin), np.asarray(score)
+    y_bin, score = np.asarray(y_bin).astype(int), np.asarray(score, dtype=np.float64)
     if y_bin.min() == y_bin.max(): return {'value': None, 'ci95': None}
     value = float(roc_auc_score(y_bin, score))
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y_bin), len(y_bin))
-        if y_bin[i].min() != y_bin[i].max(): boots.append(roc_auc_score(y_bin[i], score[i]))
-    ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None
+    i = np.random.default_rng(seed).integers(0, len(y_bin), (n_boot, len(y_bin)))
+    yb = y_bin[i]
+    ok = (yb.min(1) != yb.max(1))
+    boots = _auc_rank(yb[ok], score[i[ok]])
+    ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if len(boots) else None
     return {'value': value, 'ci95': ci}
 
-# %% ../nbs/04_metrics.ipynb #dfb0aad6
+# %% ../nbs/04_metrics.ipynb #d061f445
 def sensitivity_at_specificity(y_bin:np.ndarray, # 1 for the positive class
                                score:np.ndarray, # its probability
                                specificity:float=0.95)->dict: # `{'sensitivity', 'specificity', 'threshold'}`
@@ -66,7 +74,7 @@ def sensitivity_at_specificity(y_bin:np.ndarray, # 1 for the positive class
     return {'sensitivity': float(tpr[i]), 'specificity': float(1 - fpr[i]),
             'threshold': float(thr[i]) if np.isfinite(thr[i]) else None}
 
-# %% ../nbs/04_metrics.ipynb #dae9420b
+# %% ../nbs/04_metrics.ipynb #4ecbae1a
 def reliability_bins(y:np.ndarray, # true class indices
                      probs:np.ndarray, # N×C probabilities
                      n_bins:int=15)->dict: # per-bin `count`, `accuracy`, `confidence` and the `edges`
@@ -89,7 +97,7 @@ def expected_calibration_error(y:np.ndarray, # true class indices
     nz = b['count'] > 0
     return float(np.sum(b['count'][nz] * np.abs(b['accuracy'][nz] - b['confidence'][nz])) / b['count'].sum())
 
-# %% ../nbs/04_metrics.ipynb #9643b419
+# %% ../nbs/04_metrics.ipynb #d33c765c
 def compute_metrics(y_true, # true labels (names, or indices into `labels`)
                     probs, # N×C probabilities, columns in `labels` order
                     labels=LABELS, # class names
@@ -119,7 +127,7 @@ def compute_metrics(y_true, # true labels (names, or indices into `labels`)
     res['ece'] = expected_calibration_error(y, p, 15)
     return res
 
-# %% ../nbs/04_metrics.ipynb #e6f01387
+# %% ../nbs/04_metrics.ipynb #818d3a67
 def metrics_table(m:dict # the result of `compute_metrics`
                  ): # a pandas DataFrame, one row per class
     "Per-class precision, recall, F1, one-vs-rest accuracy, support and AUROC [95% CI], as in Table 1"
@@ -144,7 +152,7 @@ def format_metrics(m:dict)->str:
                       f"weighted F1 = {m['weighted']['f1']:.3f}   ECE = {m['ece']:.3f}",
                       f"COVID-19 sensitivity at 95% specificity: {sens}"])
 
-# %% ../nbs/04_metrics.ipynb #848ec9c3
+# %% ../nbs/04_metrics.ipynb #b58b7142
 def _fig_ax(ax, figsize):
     import matplotlib.pyplot as plt
     if ax is None: fig, ax = plt.subplots(figsize=figsize)
