@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 PORT ?= 8866
 SHARED ?= $(abspath ../shared)
 
-.PHONY: install install-dev browser dashboard test check-drift nbtest pytest docs bench help
+.PHONY: install install-dev browser dashboard test check-drift nbtest pytest docs docs-readme bench help
 
 help:
 	@echo "make dashboard  install and serve the clinician dashboard on http://127.0.0.1:$(PORT)"
@@ -39,8 +39,13 @@ pytest:
 
 test: install-dev browser check-drift nbtest pytest
 
+# The research compendium (Jupyter Book, warnings are errors) into _build/html; `docs-readme` re-runs
+# nbs/index.ipynb against the newest run and rewrites README.md from it.
 docs: install-dev
-	$(PYTHON) -m cxr_covid_nbdev.docs build
+	CXR_SHARED=$(SHARED) $(PYTHON) -m cxr_covid_nbdev.docs build
+
+docs-readme: install-dev
+	CXR_SHARED=$(SHARED) $(PYTHON) -m cxr_covid_nbdev.docs readme
 
 bench: install-dev
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_prepare.py

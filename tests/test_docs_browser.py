@@ -1,0 +1,95 @@
+"Build the compendium the way CI does (Jupyter Book, warnings are errors) and read it in Chromium."
+import json
+from pathlib import Path
+
+import pytest
+
+from cxr_covid_nbdev import docs
+
+pytestmark = pytest.mark.browser
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
+
+
+@pytest.fixture(scope='module')
+def site():
+    "The site, built once for this module with `-W` (a warning or a broken cross-reference fails the build)"
+    return docs.build(strict=True).parent
+
+
+@pytest.fixture(scope='module')
+def page():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path='/usr/bin/chromium', args=ARGS)
+        pg = b.new_page(viewport={'width': 1280, 'height': 900})
+        yield pg
+        b.close()
+
+
+def _open(page, site, name):
+    page.goto((site/f'{name}.html').as_uri())
+    page.wait_for_load_state('load')
+
+
+def _table(page, table_id):
+    "The table's body rows as {row header: [cell texts]}"
+    rows = page.locator(f'table#{table_id} tbody tr')
+    out = {}
+    for i in range(rows.count()):
+        r = rows.nth(i)
+        out[r.locator('th').first.inner_text().strip()] = [c.strip() for c in r.locator('td').all_inner_texts()]
+    return out
+
+
+def _check_images(page):
+    imgs = page.locator('article img')
+    widths = page.eval_on_selector_all('article img', 'els => els.map(e => [e.getAttribute("src").slice(0, 60), e.complete, e.naturalWidth])')
+    bad = [w for w in widths if not (w[1] and w[2] > 0)]
+    assert not bad, f"images that did not load: {bad}"
+    return imgs.count()
+
+
+def _expect_run_table(page, metrics):
+    t = _table(page, 'results-table')
+    assert list(t) == list(metrics['labels'])
+    for lab, cells in t.items():
+        pc = metrics['per_class'][lab]
+        want = [docs.fmt(pc.get(k)) for k in ('precision', 'recall', 'f1', 'accuracy', 'support')]
+        assert cells[:5] == want, (lab, cells, want)
+        assert cells[5] == docs.fmt(metrics['auroc'][lab])
+    s = _table(page, 'summary-table')
+    assert s['accuracy'] == [docs.fmt(metrics['accuracy'])] and s['macro F1'] == [docs.fmt(metrics['macro_f1'])]
+    assert s['validation images'] == [docs.fmt(metrics['n'])]
+
+
+@pytest.mark.parametrize('name', ['index', '13_results'])
+def test_page_shows_the_run_json(site, page, artifacts, name):
+    "The front page and the results chapter hold the numbers of the newest run's metrics.json, and their figures load"
+    _open(page, site, name)
+    run = docs.latest_run()
+    if run is None:
+        assert 'Not available yet' in page.inner_text('article')
+        assert page.locator('table#results-table').count() == 0
+    else:
+        metrics = json.loads((run/'metrics.json').read_text())
+        _expect_run_table(page, metrics)
+        assert run.name in page.inner_text('article')
+    n = _check_images(page)
+    if name == '13_results' and run is not None and json.loads((run/'metrics.json').read_text()).get('confusion_matrix'):
+        assert n >= 1, 'the results chapter draws the confusion matrix'
+    page.screenshot(path=str(artifacts/f'docs-{name}.png'), full_page=True)
+
+
+def test_every_page_builds_and_links_resolve(site, page, artifacts, cxr_train):
+    "Each chapter exists, its figures load, and no page shows an execution error"
+    for nb in sorted((REPO/'nbs').glob('1[1-9]_*.ipynb')):
+        _open(page, site, nb.stem)
+        text = page.inner_text('article')
+        assert 'Traceback' not in text, nb.stem
+        _check_images(page)
+    _open(page, site, '11_provenance')
+    n = sum(1 for _ in open(cxr_train/'manifest.csv')) - 1
+    assert _table(page, 'counts-split')['all'][-1] == str(n)
+    assert page.locator('article img').count() >= 1, 'the provenance chapter draws the age/source confound'
+    page.screenshot(path=str(artifacts/'docs-provenance.png'), full_page=True)
