@@ -41,3 +41,24 @@ def artifacts() -> Path:
     "Folder for screenshots and other files a test leaves for people to look at"
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+TINY_PER_CLASS = 12
+
+
+@pytest.fixture(scope='session')
+def tiny_training_data(cxr_real):
+    "The small real training set of `tiny_model_dir`: 12 cxr-real images per class, with a patient-level split"
+    from cxr_covid_nbdev.data import read_dataset
+    from cxr_covid_nbdev.train import with_split
+    df = read_dataset(cxr_real)
+    return with_split(df.groupby('label', sort=True).head(TINY_PER_CLASS), seed=0)
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tiny_training_data, tmp_path_factory) -> Path:
+    "A model folder trained once per session by `train.train_model`: resnet18, 64 px, 1 frozen + 1 unfrozen epoch, random init"
+    from cxr_covid_nbdev.train import train_model
+    out = tmp_path_factory.mktemp('tiny-model')/'model'
+    return train_model(tiny_training_data, out, arch='resnet18', size=64, epochs=1, freeze_epochs=1, bs=16,
+                       pretrained=False, seed=0, progress=False)
