@@ -9,7 +9,7 @@ __all__ = ['RADIOGRAPH_MODALITIES', 'LAYOUTS', 'IMAGE_SUFFIXES', 'EXTRA_COLUMNS'
            'read_radiograph', 'detect_layout', 'cohen_label', 'read_dataset', 'image_hash', 'hash_pairs',
            'near_duplicates', 'link_groups', 'split_groups', 'assign_split', 'straddling', 'prepare', 'add_commands']
 
-# %% ../nbs/01_data.ipynb #caec6b18
+# %% ../nbs/01_data.ipynb #ed00cbfa
 import argparse, hashlib, io, json, os, re, warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .core import *
 
-# %% ../nbs/01_data.ipynb #74146de6
+# %% ../nbs/01_data.ipynb #b16fe53f
 class UnreadableImage(ValueError):
     "The input is not one readable 2-D image; the message says why"
 
@@ -29,7 +29,7 @@ RADIOGRAPH_MODALITIES = ('CR', 'DX', 'DR', 'RG', 'RF', 'OT', '')
 def _is_dicom(data:bytes, name:str|None)->bool:
     return data[128:132] == b'DICM' or (name is not None and Path(name).suffix.lower() in ('.dcm', '.dicom'))
 
-# %% ../nbs/01_data.ipynb #a168aa25
+# %% ../nbs/01_data.ipynb #fb8f35cc
 def _window_range(arr, ds):
     "Output range of the VOI transform of `ds`, probed with values beyond the data"
     from pydicom.pixels import apply_voi_lut
@@ -70,7 +70,7 @@ def _read_dicom(data:bytes, name:str)->Image.Image:
     if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1': x = 1 - x
     return Image.fromarray(np.round(x * 255).astype(np.uint8), mode='L')
 
-# %% ../nbs/01_data.ipynb #9acf4a07
+# %% ../nbs/01_data.ipynb #ecb9b761
 def _to_l(im:Image.Image)->Image.Image:
     "An 8-bit grayscale copy of `im`, following the data README's rules"
     if im.mode == 'L': return im
@@ -92,7 +92,7 @@ def _read_pillow(data:bytes, name:str)->Image.Image:
         try:
             im = Image.open(io.BytesIO(data))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise UnreadableImage(f"{name}: image too large, a possible decompression bomb ({e})") from None
         except UnidentifiedImageError:
@@ -101,7 +101,7 @@ def _read_pillow(data:bytes, name:str)->Image.Image:
             raise UnreadableImage(f"{name}: damaged or truncated image file ({e})") from None
     return _to_l(im)
 
-# %% ../nbs/01_data.ipynb #9e44fd00
+# %% ../nbs/01_data.ipynb #a0f88894
 def read_radiograph(source:Path|str|bytes, # a file path, or the raw bytes of an upload
                     name:str|None=None, # for messages (and the `.dcm` suffix) when `source` is bytes
                    )->Image.Image: # 8-bit grayscale (mode 'L')
@@ -118,7 +118,7 @@ def read_radiograph(source:Path|str|bytes, # a file path, or the raw bytes of an
     if min(img.size) < 1: raise UnreadableImage(f"{name}: image has no pixels")
     return img
 
-# %% ../nbs/01_data.ipynb #d8190ba2
+# %% ../nbs/01_data.ipynb #97d599cb
 LAYOUTS = ('prepared', 'manifest', 'folders', 'kermany', 'cohen', 'raddb')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.gif', '.webp', '.dcm', '.dicom')
 EXTRA_COLUMNS = ('age_group', 'view', 'subtype', 'license', 'source_repo', 'source_path')
@@ -154,7 +154,7 @@ def detect_layout(src:Path|str)->str:
     if _is_raddb(src): return 'raddb'
     return 'folders'
 
-# %% ../nbs/01_data.ipynb #489b3a2a
+# %% ../nbs/01_data.ipynb #51eaa96c
 def _check_labels(labels, paths)->list:
     out = []
     for lab, p in zip(labels, paths):
@@ -184,7 +184,7 @@ def _read_folders(src:Path)->pd.DataFrame:
         rows += [dict(path=str(f.resolve()), label=label) for f in _image_files(d)]
     return pd.DataFrame(rows, columns=['path', 'label']).assign(source=src.name)
 
-# %% ../nbs/01_data.ipynb #2b03722c
+# %% ../nbs/01_data.ipynb #23f39edd
 _KERMANY_ID = re.compile(r'(person\d+|NORMAL2-IM-\d+|IM-\d+)', re.I)
 
 def _read_kermany(src:Path)->pd.DataFrame:
@@ -199,7 +199,7 @@ def _read_kermany(src:Path)->pd.DataFrame:
                                  split=_SPLITS[split_dir.name.lower()], subtype=sub, age_group='pediatric'))
     return pd.DataFrame(rows)
 
-# %% ../nbs/01_data.ipynb #8406198d
+# %% ../nbs/01_data.ipynb #6f06a607
 _PNEUMONIA_WORDS = ('pneumonia', 'sars', 'mers', 'ards', 'streptococcus', 'pneumocystis', 'klebsiella',
                     'legionella', 'chlamydophila', 'mycoplasma', 'e.coli', 'staphylococcus', 'influenza',
                     'varicella', 'herpes', 'aspergillosis', 'nocardia', 'lipoid', 'pneumonitis', 'h1n1')
@@ -221,7 +221,7 @@ def cohen_label(finding:str, # Cohen `finding`
         return 'Pneumonia', 'bacterial' if any(w in f for w in _BACTERIAL) else 'viral' if any(w in f for w in _VIRAL) else 'unknown'
     return '', ''
 
-# %% ../nbs/01_data.ipynb #648ed2bc
+# %% ../nbs/01_data.ipynb #c9820b0c
 def _age_group(age)->str:
     try: a = float(age)
     except (TypeError, ValueError): return 'unknown'
@@ -258,7 +258,7 @@ def _read_raddb(src:Path)->pd.DataFrame:
     df.attrs['excluded'] = excluded
     return df
 
-# %% ../nbs/01_data.ipynb #cc6c1bd2
+# %% ../nbs/01_data.ipynb #bed86391
 def _finish(df:pd.DataFrame, root:Path, layout:str, prepare_size=None)->pd.DataFrame:
     excluded = df.attrs.get('excluded', [])
     for c in MANIFEST_COLUMNS:
@@ -295,7 +295,7 @@ def read_dataset(src:Path|str, # a folder in one of `LAYOUTS`, or a manifest CSV
         root = src
     return _finish(df, root.resolve(), layout, size)
 
-# %% ../nbs/01_data.ipynb #faa0b3bf
+# %% ../nbs/01_data.ipynb #6aecceb8
 HASH_SIZE = 16
 DUP_DISTANCE = 20
 
@@ -313,10 +313,10 @@ def hash_pairs(hashes_a:list, # hex hashes
                hashes_b:list|None=None, # hex hashes; `None` compares `hashes_a` with itself
                max_distance:int=DUP_DISTANCE)->pd.DataFrame: # columns `i`, `j`, `distance`
     "Index pairs whose hashes are within `max_distance` bits"
-    a = _hash_bits(hashes_a).astype(np.int32)
-    b = a if hashes_b is None else _hash_bits(hashes_b).astype(np.int32)
+    a = _hash_bits(hashes_a).astype(np.float32)  # float32 so the products run in BLAS; exact for counts < 2**24
+    b = a if hashes_b is None else _hash_bits(hashes_b).astype(np.float32)
     if not len(a) or not len(b): return pd.DataFrame({'i': [], 'j': [], 'distance': []}, dtype=int)
-    d = a.shape[1] - (a @ b.T + (1 - a) @ (1 - b).T)
+    d = np.rint(a.shape[1] - (a @ b.T + (1 - a) @ (1 - b).T)).astype(int)
     mask = d <= max_distance
     if hashes_b is None: mask &= np.triu(np.ones_like(mask), 1).astype(bool)
     i, j = np.nonzero(mask)
@@ -334,7 +334,7 @@ def near_duplicates(paths_a:list, # image files (or images)
     return pd.DataFrame({'a': [paths_a[i] for i in pr.i], 'b': [other[j] for j in pr.j],
                          'distance': pr.distance.astype(int)}).sort_values('distance', kind='stable').reset_index(drop=True)
 
-# %% ../nbs/01_data.ipynb #1367d831
+# %% ../nbs/01_data.ipynb #8c534d4a
 def link_groups(n:int, # number of rows
                 links:list, # pairs `(i, j)` of rows that belong together
                )->np.ndarray: # group id per row (the smallest row index of its group)
@@ -393,13 +393,13 @@ def straddling(df:pd.DataFrame, groups:np.ndarray)->list:
                             paths=[df.path.values[i] for i in idx]))
     return res
 
-# %% ../nbs/01_data.ipynb #293aeab1
+# %% ../nbs/01_data.ipynb #10149439
 def _prepare_one(args)->dict:
     "Worker: read, shrink and encode one file; a dict with the JPEG bytes or the reason it failed"
     path, size, quality = args
     try:
         img = fit_longest_side(read_radiograph(path), size)
-        buf = io.BytesIO(); img.save(buf, 'JPEG', quality=quality, optimize=True)
+        buf = io.BytesIO(); img.save(buf, 'JPEG', quality=quality)
         return dict(ok=True, data=buf.getvalue(), hash=image_hash(img), width=img.width, height=img.height)
     except UnreadableImage as e: return dict(ok=False, reason=str(e))
     except Exception as e: return dict(ok=False, reason=f"{path}: {type(e).__name__}: {e}")
@@ -426,7 +426,7 @@ def _out_names(df:pd.DataFrame)->list:
         seen.add(n); names.append(n)
     return names
 
-# %% ../nbs/01_data.ipynb #9d570f32
+# %% ../nbs/01_data.ipynb #d2f1313c
 def _dup_report(df:pd.DataFrame, pairs:pd.DataFrame)->dict:
     "Near-duplicate groups, flagged when they cross splits or sources"
     if not len(pairs): return dict(pairs=0, groups=[])
@@ -464,6 +464,7 @@ def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
     excluded = [e for d in dfs for e in d.attrs.get('excluded', [])]
     df = pd.concat(dfs, ignore_index=True).fillna('')
     n_workers = n_workers or os.cpu_count() or 1
+    import imagehash, sklearn.model_selection  # imported once here, so forked workers inherit them
     res = _map(_prepare_one, [(p, size, quality) for p in df.path], n_workers, 'prepare')
     ok = np.array([r['ok'] for r in res], dtype=bool)
     skipped = [dict(path=p, reason=r['reason']) for p, r in zip(df.path, res) if not r['ok']]
@@ -495,7 +496,7 @@ def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
             near_duplicates=_dup_report(good, pairs), straddling=strad))
     return out
 
-# %% ../nbs/01_data.ipynb #341ab9e5
+# %% ../nbs/01_data.ipynb #f29a2445
 def _run_prepare(args):
     out = prepare(args.srcs, args.out, size=args.size, valid_pct=args.valid_pct, seed=args.seed,
                   n_workers=args.workers, overwrite=args.overwrite, layout=args.layout)
