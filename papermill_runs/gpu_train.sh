@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Train the default model on a GPU machine that has PyTorch but nothing else we need and no network.
+# Run from the repository root with:
+#   .whl/     wheels for what the machine lacks (fastai, fastcore, papermill, ipykernel, pydicom, ...)
+#   .bundle/  the prepared corpus (cxr-covid prepare ../shared/data/cxr-train --out .bundle/cxr-train-350)
+# Everything the run writes goes to papermill_runs/runs/<UTC timestamp>/ and, packed, to $OUT.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+EPOCHS=${EPOCHS:-15}; SIZE=${SIZE:-350}; ARCH=${ARCH:-resnet50}; BS=${BS:-64}; FREEZE=${FREEZE:-1}
+DATA=${DATA:-$PWD/.bundle/cxr-train-350}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export MPLBACKEND=Agg
+python3 - <<'PY'
+import torch, fastai, sys
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'fastai', fastai.__version__,
+      'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
+PY
+TS=$(date -u +%Y%m%dT%H%M%SZ)
+RUN=papermill_runs/runs/$TS
+mkdir -p "$RUN"
+python3 -m papermill papermill_runs/train.ipynb "$RUN/train.ipynb" --cwd papermill_runs --log-output \
+  -p data "$DATA" -p out_dir "$PWD/$RUN" -p arch "$ARCH" -p size "$SIZE" -p epochs "$EPOCHS" \
+  -p freeze_epochs "$FREEZE" -p bs "$BS" -p pretrained False -p num_workers 12 ${EXTRA_PARAMS:-}
+tar czf - -C papermill_runs/runs "$TS" | split -b 15M -d - "$OUT/run.tgz.part"
+ls -la "$OUT"
