@@ -1,0 +1,143 @@
+"Model registry: immutable versions, atomic production pointer, history, rollback, CLI (tiny real models, no training)."
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_covid_nbdev.core import (LABELS, IMAGENET_MEAN, IMAGENET_STD, create_model, save_model_dir, read_meta,
+                                  resolve_model_dir, load_model_dir, file_digest)
+from cxr_covid_nbdev.registry import Registry, RegistryError, VERSION_RE
+
+
+def tiny_model(out: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    meta = {'arch': 'resnet18', 'labels': list(LABELS), 'size': 32, 'prepare_size': None, 'mean': IMAGENET_MEAN,
+            'std': IMAGENET_STD, 'imagenet_pretrained': False, 'weights_source': 'none', 'temperature': 1.0, 'ood': None}
+    return save_model_dir(create_model('resnet18', len(LABELS)), meta, out, metrics={'macro_f1': seed / 10})
+
+
+def snapshot(root: Path) -> dict:
+    "sha256 of every file under `root`, by relative path"
+    return {str(p.relative_to(root)): file_digest(p, 'sha256') for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+    "Three real (untrained) resnet18 model folders; tests only read them"
+    d = tmp_path_factory.mktemp('models')
+    return [tiny_model(d/f'm{i}', i) for i in range(3)]
+
+
+class Out:
+    def __init__(self, returncode, stdout, stderr): self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args, env=None):
+    "`cxr-covid ARGS` in this process (the console script is `cli.main`); one test runs the real script"
+    import contextlib, io
+    from cxr_covid_nbdev.cli import main
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([str(a) for a in args])
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    return Out(rc, out.getvalue(), err.getvalue())
+
+
+def test_add_promote_rollback_resolve(tmp_path, models, monkeypatch):
+    reg = Registry(tmp_path/'registry')
+    vs = [reg.add(m) for m in models]
+    assert vs == sorted(vs) and len(set(vs)) == 3 and all(VERSION_RE.match(v) for v in vs)
+    for v, m in zip(vs, models):  # byte-identical weights, sha checked
+        assert file_digest(reg.path(v)/'model.safetensors', 'sha256') == read_meta(m)['sha256']
+    assert reg.production() is None
+    reg.promote(vs[0], 'first'); reg.promote(vs[2], 'third')
+    monkeypatch.setenv('CXR_COVID_REGISTRY', str(reg.root))
+    assert resolve_model_dir() == reg.path(vs[2])  # what predict and the dashboard use
+    net, meta = load_model_dir(resolve_model_dir())
+    assert meta['sha256'] == read_meta(models[2])['sha256']
+    e = reg.rollback('test')
+    assert (e['version'], e['previous'], e['reason']) == (vs[0], vs[2], 'test')
+    assert resolve_model_dir() == reg.path(vs[0])
+    with pytest.raises(RegistryError, match='Nothing to roll back'): reg.rollback()
+    lines = (reg.root/'history.jsonl').read_text().splitlines()
+    assert [json.loads(l)['action'] for l in lines] == ['promote', 'promote', 'rollback']
+    assert all(set(json.loads(l)) == {'action', 'version', 'previous', 'reason', 'utc'} for l in lines)
+
+
+def test_bad_inputs_change_nothing(tmp_path, models):
+    reg = Registry(tmp_path/'registry')
+    v = reg.add(models[0]); reg.promote(v)
+    before = snapshot(reg.root)
+    with pytest.raises(RegistryError, match='No version'): reg.promote('v0099-20240101T000000Z-deadbeef')
+    bad = tmp_path/'bad'; bad.mkdir()
+    for f in ('model.safetensors', 'meta.json'): (bad/f).write_bytes((models[1]/f).read_bytes())
+    with open(bad/'model.safetensors', 'r+b') as fh: fh.seek(100); fh.write(b'\xff\xff')
+    with pytest.raises(ValueError, match='does not match the sha256'): reg.add(bad)
+    with pytest.raises(FileNotFoundError): reg.add(tmp_path/'nothing-here')
+    assert snapshot(reg.root) == before
+    assert not [p for p in reg.root.iterdir() if p.name.endswith('.partial')]
+
+
+def test_damaged_version_is_not_promoted(tmp_path, models):
+    reg = Registry(tmp_path/'registry')
+    v0, v1 = reg.add(models[0]), reg.add(models[1])
+    reg.promote(v0)
+    f = reg.path(v1)/'model.safetensors'
+    f.chmod(0o644)
+    with open(f, 'r+b') as fh: fh.seek(100); fh.write(b'\x00\x01')
+    with pytest.raises(ValueError, match='does not match'): reg.promote(v1)
+    assert reg.production() == v0
+
+
+def test_seeding(tmp_path, models):
+    reg = Registry(tmp_path/'registry')
+    assert reg.ensure_seeded(tmp_path/'absent') is None and reg.versions() == []
+    v = reg.ensure_seeded(models[0])
+    assert reg.production() == v and reg.history()[0]['action'] == 'seed'
+    assert reg.ensure_seeded(models[1]) is None and reg.versions() == [v]
+
+
+def test_cli(tmp_path, models):
+    r = tmp_path/'registry'
+    out = cli('registry', 'add', models[0], '--promote', '--registry', r)
+    assert out.returncode == 0, out.stderr
+    v0 = out.stdout.strip()
+    v1 = cli('registry', 'add', models[1], '--registry', r).stdout.strip()
+    listing = cli('registry', 'list', '--registry', r)
+    assert listing.returncode == 0 and v0 in listing.stdout and v1 in listing.stdout
+    assert [l.split()[0] for l in listing.stdout.splitlines()[1:]] == [v0, v1]
+    assert cli('registry', 'promote', v1, '--reason', 'better', '--registry', r).returncode == 0
+    shown = json.loads(cli('registry', 'show', v1, '--registry', r).stdout)
+    assert shown['production'] and shown['history'][-1]['reason'] == 'better'
+    assert cli('registry', 'rollback', '--registry', r).returncode == 0
+    assert Registry(r).production() == v0
+    bad = cli('registry', 'promote', 'nope', '--registry', r)
+    assert bad.returncode == 2 and 'No version' in bad.stderr and 'Traceback' not in bad.stderr
+    env_out = cli('registry', 'list', env={'CXR_COVID_REGISTRY': str(r)})
+    assert v0 in env_out.stdout
+
+
+def test_console_script(tmp_path, models):
+    "The installed `cxr-covid` script: one line on error, exit status 2, no traceback"
+    r = tmp_path/'registry'
+    Registry(r).add(models[0])
+    run = lambda *a: subprocess.run(['cxr-covid', 'registry', *map(str, a), '--registry', r], capture_output=True, text=True)
+    out = run('rollback')
+    assert out.returncode == 2 and 'no production model' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_concurrent_adds_get_distinct_versions(tmp_path, models):
+    "Two processes adding at once: both versions land, with distinct numbers"
+    r = tmp_path/'registry'
+    code = 'import sys; from cxr_covid_nbdev.registry import Registry; print(Registry(sys.argv[1]).add(sys.argv[2]))'
+    ps = [subprocess.Popen([sys.executable, '-c', code, str(r), str(m)], stdout=subprocess.PIPE, text=True) for m in models]
+    vs = [p.communicate()[0].strip() for p in ps]
+    assert all(p.returncode == 0 for p in ps)
+    assert sorted(vs) == Registry(r).versions()
+    assert sorted(v[:5] for v in vs) == ['v0001', 'v0002', 'v0003']
