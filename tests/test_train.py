@@ -1,0 +1,133 @@
+"`train.train_model` and `cxr-covid train`: the model folder, its calibration and OOD threshold, starting weights, refusals."
+import json, os, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_covid_nbdev.core import (LABELS, NOT_CERTAIN, energy_score, file_digest, load_model_dir, model_input,
+                                  read_meta, softmax_t)
+from cxr_covid_nbdev.data import read_radiograph
+from cxr_covid_nbdev.metrics import compute_metrics
+from cxr_covid_nbdev.train import manifest_sha1, nll, train_model
+
+from test_metrics import check_against_sklearn
+
+
+def cli(*args, cwd=None):
+    "Run the installed `cxr-covid` console script"
+    return subprocess.run(['cxr-covid', *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def logits_of(model_dir, paths):
+    "Raw logits of a model folder, computed without fastai by the model-input rule"
+    model, meta = load_model_dir(model_dir)
+    x = torch.from_numpy(np.stack([model_input(read_radiograph(p), meta['size']) for p in paths]))
+    with torch.no_grad(): return model(x).numpy()
+
+
+def test_model_folder(tiny_model_dir, tiny_training_data):
+    d = tiny_model_dir
+    assert sorted(p.name for p in d.iterdir()) == ['meta.json', 'metrics.json', 'model.safetensors', 'model_card.md']
+    assert not list(d.parent.glob('.*partial*'))
+    meta = read_meta(d)
+    assert meta['labels'] == list(LABELS) and meta['arch'] == 'resnet18' and meta['size'] == 64
+    assert meta['imagenet_pretrained'] is False and meta['weights_source'].startswith('none')
+    assert meta['sha256'] == file_digest(d/'model.safetensors', 'sha256')
+    assert meta['manifest_sha1'] == manifest_sha1(tiny_training_data)
+    assert meta['n_train'] == (tiny_training_data.split == 'train').sum()
+    assert meta['n_valid'] == (tiny_training_data.split == 'valid').sum()
+    assert meta['recipe']['contrast'] == {'lo': 0.5, 'hi': 1.9, 'p': 0.5}
+    assert meta['epochs'] == 1 and meta['freeze_epochs'] == 1 and meta['seed'] == 0
+    for k in ('mean', 'std', 'prepare_size', 'head', 'temperature', 'ood', 'versions', 'created_utc', 'dtype', 'format'):
+        assert k in meta, k
+    hist = json.loads((d/'metrics.json').read_text())['history']
+    assert [h['stage'] for h in hist] == ['frozen', 'unfrozen']
+    assert all(np.isfinite(h['train_loss']) and np.isfinite(h['valid_loss']) for h in hist)
+
+
+def test_calibration_and_ood_reproduce_from_the_saved_model(tiny_model_dir, tiny_training_data):
+    "Temperature, OOD threshold and validation metrics, recomputed from the saved weights without fastai"
+    meta = read_meta(tiny_model_dir)
+    va = tiny_training_data[tiny_training_data.split == 'valid']
+    lg = logits_of(tiny_model_dir, va.path)
+    y = np.array([LABELS.index(l) for l in va.label])
+    T = meta['temperature']
+    # the fitted temperature is a minimum of the validation NLL
+    assert nll(lg, y, T) <= min(nll(lg, y, T * 0.9), nll(lg, y, T * 1.1), nll(lg, y, 1.0)) + 1e-6
+    # the OOD threshold is the 95th percentile of the energies of the validation radiographs
+    e = energy_score(lg)
+    nc = va.label.values == NOT_CERTAIN
+    assert meta['ood']['method'] == 'energy'
+    assert meta['ood']['threshold'] == pytest.approx(np.percentile(e[~nc], 95), abs=1e-3)
+    assert meta['ood']['n_reference'] == (~nc).sum()
+    # the stored validation metrics are those of these calibrated probabilities (the fastai validation
+    # pipeline fed the network exactly `core.model_input`)
+    stored = json.loads((tiny_model_dir/'metrics.json').read_text())['validation']
+    probs = softmax_t(lg, T)
+    check_against_sklearn(stored, va.label.tolist(), probs)
+    fresh = compute_metrics(va.label.tolist(), probs)
+    assert stored['accuracy'] == fresh['accuracy'] and stored['confusion_matrix'] == fresh['confusion_matrix']
+    assert stored['ece'] == pytest.approx(fresh['ece'], abs=1e-4)
+
+
+def test_weights_file_and_float16(tiny_training_data, tmp_path):
+    "--weights loads a torchvision state dict into the body; 0 epochs leaves it untouched; float16 halves the file"
+    import torchvision
+    from safetensors.torch import save_file
+    tv = torchvision.models.resnet18(weights=None)
+    save_file(tv.state_dict(), str(tmp_path/'r18.safetensors'))
+    out = train_model(tiny_training_data, tmp_path/'m', arch='resnet18', size=32, epochs=0, freeze_epochs=0,
+                      weights=tmp_path/'r18.safetensors', progress=False, dtype='float16')
+    model, meta = load_model_dir(out)
+    assert meta['weights_source'].startswith('file:r18.safetensors') and meta['imagenet_pretrained'] is False
+    assert meta['dtype'] == 'float16'
+    assert torch.allclose(model[0][0].weight, tv.conv1.weight, atol=1e-3)
+    assert torch.allclose(model[0][7][1].conv2.weight, tv.layer4[1].conv2.weight, atol=1e-3)
+    with pytest.raises(ValueError, match='do not fit'):
+        train_model(tiny_training_data, tmp_path/'m2', arch='resnet34', size=32, epochs=0, freeze_epochs=0,
+                    weights=tmp_path/'r18.safetensors', progress=False)
+    assert not (tmp_path/'m2').exists()
+
+
+def test_init_from(tiny_model_dir, tiny_training_data, tmp_path):
+    "Fine-tuning starts from the given model folder (with 0 epochs: the same weights), whatever `arch` says"
+    out = train_model(tiny_training_data, tmp_path/'ft', arch='resnet50', size=64, epochs=0, freeze_epochs=0,
+                      init_from=tiny_model_dir, progress=False)
+    a, ma = load_model_dir(tiny_model_dir)
+    b, mb = load_model_dir(out)
+    assert mb['arch'] == 'resnet18' and mb['init_from'] == str(tiny_model_dir)
+    assert mb['weights_source'] == f"init_from:{ma['sha256']}"
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_no_split_gets_a_patient_split(cxr_real, tmp_path):
+    from cxr_covid_nbdev.data import read_dataset
+    df = read_dataset(cxr_real).groupby('label').head(6)
+    df = df.assign(split='')
+    out = train_model(df, tmp_path/'m', arch='resnet18', size=32, epochs=1, freeze_epochs=0, pretrained=False, progress=False)
+    meta = read_meta(out)
+    assert meta['n_train'] + meta['n_valid'] == len(df) and meta['n_valid'] > 0
+
+
+def test_cli_pretrained_without_internet_is_a_clear_error(cxr_real, tmp_path):
+    if list((Path(torch.hub.get_dir())/'checkpoints').glob('resnet18-*.pth')): pytest.skip('ImageNet weights are cached')
+    r = cli('train', cxr_real, '--out', tmp_path/'m', '--arch', 'resnet18', '--size', 32, '--epochs', 1, '--pretrained')
+    assert r.returncode == 2, r.stderr
+    assert '--no-pretrained' in r.stderr and '--weights PATH' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path/'m').exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_refusals(cxr_real, tiny_model_dir, tmp_path):
+    before = sorted(p.name for p in tiny_model_dir.iterdir()), file_digest(tiny_model_dir/'model.safetensors')
+    r = cli('train', cxr_real, '--out', tiny_model_dir, '--no-pretrained', '--arch', 'resnet18')
+    assert r.returncode == 2 and 'already exists' in r.stderr
+    assert (sorted(p.name for p in tiny_model_dir.iterdir()), file_digest(tiny_model_dir/'model.safetensors')) == before
+    r = cli('train', tmp_path/'nope', '--out', tmp_path/'m', '--no-pretrained')
+    assert r.returncode == 2 and 'does not exist' in r.stderr and not (tmp_path/'m').exists()
+    r = cli('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--arch', 'resnet5000')
+    assert r.returncode == 2 and 'Unknown architecture' in r.stderr and not (tmp_path/'m').exists()
+    r = cli('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--weights', tmp_path/'w.pth')
+    assert r.returncode == 2  # argparse: --no-pretrained and --weights exclude each other
