@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the default model on a GPU machine that has PyTorch but nothing else we need and no network.
-# Run from the repository root with:
+# Run from the repository root (or a `git archive` snapshot of it; DATA and WHL then point back) with:
 #   .whl/     wheels for what the machine lacks (fastai, fastcore, papermill, ipykernel, pydicom, ...)
 #   .bundle/  the prepared corpus (cxr-covid prepare ../shared/data/cxr-train --out .bundle/cxr-train-350)
 # Everything the run writes goes to papermill_runs/runs/<UTC timestamp>/ and, packed, to $OUT.
@@ -9,9 +9,12 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 EPOCHS=${EPOCHS:-15}; SIZE=${SIZE:-350}; ARCH=${ARCH:-resnet50}; BS=${BS:-64}; FREEZE=${FREEZE:-1}
 DATA=${DATA:-$PWD/.bundle/cxr-train-350}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+WHL=${WHL:-.whl}
+if [ -d "$WHL" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl
   export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
 fi
 export MPLBACKEND=Agg
 python3 - <<'PY'
