@@ -22,6 +22,7 @@ import torch, fastai, sys
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'fastai', fastai.__version__,
       'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 PY
+python3 -c "import cxr_covid_nbdev.train, cxr_covid_nbdev.inference, cxr_covid_nbdev.model_card, papermill, ipykernel"
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 RUN=papermill_runs/runs/$TS
 mkdir -p "$RUN"
