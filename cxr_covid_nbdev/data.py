@@ -9,7 +9,7 @@ __all__ = ['RADIOGRAPH_MODALITIES', 'LAYOUTS', 'IMAGE_SUFFIXES', 'EXTRA_COLUMNS'
            'read_radiograph', 'detect_layout', 'cohen_label', 'read_dataset', 'image_hash', 'hash_pairs',
            'near_duplicates', 'link_groups', 'split_groups', 'assign_split', 'straddling', 'prepare', 'add_commands']
 
-# %% ../nbs/01_data.ipynb #ed00cbfa
+# %% ../nbs/01_data.ipynb #479b3ec0
 import argparse, hashlib, io, json, os, re, warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .core import *
 
-# %% ../nbs/01_data.ipynb #b16fe53f
+# %% ../nbs/01_data.ipynb #7512171a
 class UnreadableImage(ValueError):
     "The input is not one readable 2-D image; the message says why"
 
@@ -29,7 +29,7 @@ RADIOGRAPH_MODALITIES = ('CR', 'DX', 'DR', 'RG', 'RF', 'OT', '')
 def _is_dicom(data:bytes, name:str|None)->bool:
     return data[128:132] == b'DICM' or (name is not None and Path(name).suffix.lower() in ('.dcm', '.dicom'))
 
-# %% ../nbs/01_data.ipynb #fb8f35cc
+# %% ../nbs/01_data.ipynb #663ae8f5
 def _window_range(arr, ds):
     "Output range of the VOI transform of `ds`, probed with values beyond the data"
     from pydicom.pixels import apply_voi_lut
@@ -70,7 +70,7 @@ def _read_dicom(data:bytes, name:str)->Image.Image:
     if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1': x = 1 - x
     return Image.fromarray(np.round(x * 255).astype(np.uint8), mode='L')
 
-# %% ../nbs/01_data.ipynb #ecb9b761
+# %% ../nbs/01_data.ipynb #706b882a
 def _to_l(im:Image.Image)->Image.Image:
     "An 8-bit grayscale copy of `im`, following the data README's rules"
     if im.mode == 'L': return im
@@ -101,7 +101,7 @@ def _read_pillow(data:bytes, name:str)->Image.Image:
             raise UnreadableImage(f"{name}: damaged or truncated image file ({e})") from None
     return _to_l(im)
 
-# %% ../nbs/01_data.ipynb #a0f88894
+# %% ../nbs/01_data.ipynb #d06daea8
 def read_radiograph(source:Path|str|bytes, # a file path, or the raw bytes of an upload
                     name:str|None=None, # for messages (and the `.dcm` suffix) when `source` is bytes
                    )->Image.Image: # 8-bit grayscale (mode 'L')
@@ -118,7 +118,7 @@ def read_radiograph(source:Path|str|bytes, # a file path, or the raw bytes of an
     if min(img.size) < 1: raise UnreadableImage(f"{name}: image has no pixels")
     return img
 
-# %% ../nbs/01_data.ipynb #97d599cb
+# %% ../nbs/01_data.ipynb #a06c6bb9
 LAYOUTS = ('prepared', 'manifest', 'folders', 'kermany', 'cohen', 'raddb')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.gif', '.webp', '.dcm', '.dicom')
 EXTRA_COLUMNS = ('age_group', 'view', 'subtype', 'license', 'source_repo', 'source_path')
@@ -154,7 +154,7 @@ def detect_layout(src:Path|str)->str:
     if _is_raddb(src): return 'raddb'
     return 'folders'
 
-# %% ../nbs/01_data.ipynb #51eaa96c
+# %% ../nbs/01_data.ipynb #2d4cbf86
 def _check_labels(labels, paths)->list:
     out = []
     for lab, p in zip(labels, paths):
@@ -184,7 +184,7 @@ def _read_folders(src:Path)->pd.DataFrame:
         rows += [dict(path=str(f.resolve()), label=label) for f in _image_files(d)]
     return pd.DataFrame(rows, columns=['path', 'label']).assign(source=src.name)
 
-# %% ../nbs/01_data.ipynb #23f39edd
+# %% ../nbs/01_data.ipynb #3666a3b6
 _KERMANY_ID = re.compile(r'(person\d+|NORMAL2-IM-\d+|IM-\d+)', re.I)
 
 def _read_kermany(src:Path)->pd.DataFrame:
@@ -199,7 +199,7 @@ def _read_kermany(src:Path)->pd.DataFrame:
                                  split=_SPLITS[split_dir.name.lower()], subtype=sub, age_group='pediatric'))
     return pd.DataFrame(rows)
 
-# %% ../nbs/01_data.ipynb #6f06a607
+# %% ../nbs/01_data.ipynb #c5d1f28a
 _PNEUMONIA_WORDS = ('pneumonia', 'sars', 'mers', 'ards', 'streptococcus', 'pneumocystis', 'klebsiella',
                     'legionella', 'chlamydophila', 'mycoplasma', 'e.coli', 'staphylococcus', 'influenza',
                     'varicella', 'herpes', 'aspergillosis', 'nocardia', 'lipoid', 'pneumonitis', 'h1n1')
@@ -221,7 +221,7 @@ def cohen_label(finding:str, # Cohen `finding`
         return 'Pneumonia', 'bacterial' if any(w in f for w in _BACTERIAL) else 'viral' if any(w in f for w in _VIRAL) else 'unknown'
     return '', ''
 
-# %% ../nbs/01_data.ipynb #c9820b0c
+# %% ../nbs/01_data.ipynb #ede33501
 def _age_group(age)->str:
     try: a = float(age)
     except (TypeError, ValueError): return 'unknown'
@@ -258,7 +258,7 @@ def _read_raddb(src:Path)->pd.DataFrame:
     df.attrs['excluded'] = excluded
     return df
 
-# %% ../nbs/01_data.ipynb #bed86391
+# %% ../nbs/01_data.ipynb #ad95b682
 def _finish(df:pd.DataFrame, root:Path, layout:str, prepare_size=None)->pd.DataFrame:
     excluded = df.attrs.get('excluded', [])
     for c in MANIFEST_COLUMNS:
@@ -295,7 +295,7 @@ def read_dataset(src:Path|str, # a folder in one of `LAYOUTS`, or a manifest CSV
         root = src
     return _finish(df, root.resolve(), layout, size)
 
-# %% ../nbs/01_data.ipynb #6aecceb8
+# %% ../nbs/01_data.ipynb #e0d1e6f0
 HASH_SIZE = 16
 DUP_DISTANCE = 20
 
@@ -334,7 +334,7 @@ def near_duplicates(paths_a:list, # image files (or images)
     return pd.DataFrame({'a': [paths_a[i] for i in pr.i], 'b': [other[j] for j in pr.j],
                          'distance': pr.distance.astype(int)}).sort_values('distance', kind='stable').reset_index(drop=True)
 
-# %% ../nbs/01_data.ipynb #8c534d4a
+# %% ../nbs/01_data.ipynb #dbc3e820
 def link_groups(n:int, # number of rows
                 links:list, # pairs `(i, j)` of rows that belong together
                )->np.ndarray: # group id per row (the smallest row index of its group)
@@ -393,7 +393,7 @@ def straddling(df:pd.DataFrame, groups:np.ndarray)->list:
                             paths=[df.path.values[i] for i in idx]))
     return res
 
-# %% ../nbs/01_data.ipynb #10149439
+# %% ../nbs/01_data.ipynb #b6196aee
 def _prepare_one(args)->dict:
     "Worker: read, shrink and encode one file; a dict with the JPEG bytes or the reason it failed"
     path, size, quality = args
@@ -426,20 +426,21 @@ def _out_names(df:pd.DataFrame)->list:
         seen.add(n); names.append(n)
     return names
 
-# %% ../nbs/01_data.ipynb #d2f1313c
+# %% ../nbs/01_data.ipynb #050692e1
 def _dup_report(df:pd.DataFrame, pairs:pd.DataFrame)->dict:
     "Near-duplicate groups, flagged when they cross splits or sources"
-    if not len(pairs): return dict(pairs=0, groups=[])
+    if not len(pairs): return dict(pairs=0, groups=[], cross_split=0, cross_source=0, cross_input=0)
     comp = link_groups(len(df), list(zip(pairs.i, pairs.j)))
     groups = []
     for g in sorted(set(comp[list(pairs.i)])):
         idx = np.nonzero(comp == g)[0]
         sub = df.iloc[idx]
         groups.append(dict(paths=sub.path.tolist(), originals=sub.original.tolist(), splits=sorted(set(sub.split)),
-                           sources=sorted(set(sub.source)), cross_split=sub.split.nunique() > 1,
-                           cross_source=sub.source.nunique() > 1))
-    return dict(pairs=len(pairs), groups=groups,
-                cross_split=sum(g['cross_split'] for g in groups), cross_source=sum(g['cross_source'] for g in groups))
+                           sources=sorted(set(sub.source)), inputs=sorted(set(sub.input)),
+                           cross_split=sub.split.nunique() > 1, cross_source=sub.source.nunique() > 1,
+                           cross_input=sub.input.nunique() > 1))
+    return dict(pairs=len(pairs), groups=groups, **{k: sum(g[k] for g in groups)
+                                                    for k in ('cross_split', 'cross_source', 'cross_input')})
 
 def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
             out:Path|str, # folder to create
@@ -496,7 +497,7 @@ def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
             near_duplicates=_dup_report(good, pairs), straddling=strad))
     return out
 
-# %% ../nbs/01_data.ipynb #f29a2445
+# %% ../nbs/01_data.ipynb #8242b86e
 def _run_prepare(args):
     out = prepare(args.srcs, args.out, size=args.size, valid_pct=args.valid_pct, seed=args.seed,
                   n_workers=args.workers, overwrite=args.overwrite, layout=args.layout)

@@ -267,8 +267,10 @@ def test_prepare_keeps_given_split_and_reports_cross_source_duplicates(cxr_real,
     r = df[df.input == str((tmp_path/'real').resolve())]
     assert dict(zip(r.source_path, r.split)) == dict(zip(rrows.source_path, rows.set_index('path').split[rrows.path]))
     rep = json.loads((out/'report.json').read_text())
-    cross = [g for g in rep['near_duplicates']['groups'] if len(g['originals']) == 2]
-    assert len(cross) >= len(rrows)
+    cross = [g for g in rep['near_duplicates']['groups'] if g['cross_input']]
+    assert len(cross) == len(rrows) == rep['near_duplicates']['cross_input']
+    assert {Path(o).name for g in cross for o in g['originals']} == {Path(p).name for p in rrows.path}
+    assert not any(g['cross_split'] for g in cross)
     assert rep['straddling'] == []
 
 
