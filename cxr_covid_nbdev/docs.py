@@ -6,20 +6,20 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/docs.html.md"""
 
 # %% auto #0
 __all__ = ['RUN_NAME', 'SUMMARY_KEYS', 'NO_RUN', 'SOURCES', 'repo_root', 'runs_dir', 'read_json', 'run_kind', 'list_runs',
-           'latest_run', 'load_run', 'scalar', 'fmt', 'fmt_ci', 'per_class_table', 'summary_table', 'subsets_table',
-           'metrics_from_labels', 'note', 'html_table', 'show_image', 'key_results', 'history_frame', 'paper_block',
-           'paper_reported', 'comparison_table', 'source_of', 'load_manifest', 'counts', 'index_path', 'render_readme',
-           'sync_readme', 'execute_index', 'readme_problems', 'stage_notebook', 'run_title', 'toc', 'stage', 'build',
-           'main']
+           'latest_run', 'load_run', 'scalar', 'fmt', 'fmt_ci', 'per_class_table', 'summary_table', 'subsets_of',
+           'subsets_table', 'shortcut_table', 'metrics_from_labels', 'note', 'html_table', 'show_image', 'key_results',
+           'history_frame', 'paper_block', 'paper_reported', 'comparison_table', 'source_of', 'load_manifest', 'counts',
+           'index_path', 'render_readme', 'sync_readme', 'execute_index', 'readme_problems', 'stage_notebook',
+           'run_title', 'toc', 'stage', 'build', 'main']
 
-# %% ../nbs/10_docs.ipynb #8a75833b
+# %% ../nbs/10_docs.ipynb #04b0713c
 import argparse, builtins, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pandas as pd
 from .core import LABELS, atomic_write_text, shared_data_dir
 
-# %% ../nbs/10_docs.ipynb #e13e2543
+# %% ../nbs/10_docs.ipynb #e66128af
 def repo_root()->Path:
     "The checkout that holds `nbs/`, `book/` and `papermill_runs/`: `$CXR_DOCS_ROOT` or the package's parent"
     import cxr_covid_nbdev
@@ -41,7 +41,7 @@ def read_json(path:Path|str, # a JSON file
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-# %% ../nbs/10_docs.ipynb #4411c901
+# %% ../nbs/10_docs.ipynb #b8492bd7
 RUN_NAME = re.compile(r'^\d{8}T\d{6}Z')
 
 def run_kind(run_dir:Path)->str|None:
@@ -64,7 +64,7 @@ def latest_run(kind:str='train', # kind of run
     cands = [d for d in list_runs(kind, runs) if kind != 'train' or (d/'metrics.json').is_file()]
     return cands[-1] if cands else None
 
-# %% ../nbs/10_docs.ipynb #513bc9ac
+# %% ../nbs/10_docs.ipynb #17efff0d
 def load_run(run_dir:Path|str|None)->dict:
     "Everything the pages show about a run: `dir`, `name`, `run`, `metrics`, `figures` (PNGs), `notebooks`"
     if run_dir is None: return {'dir': None, 'name': None, 'run': {}, 'metrics': None, 'figures': [], 'notebooks': []}
@@ -72,7 +72,7 @@ def load_run(run_dir:Path|str|None)->dict:
     return {'dir': d, 'name': d.name, 'run': read_json(d/'run.json', {}), 'metrics': read_json(d/'metrics.json'),
             'figures': sorted(d.glob('*.png')), 'notebooks': sorted(d.glob('*.ipynb'))}
 
-# %% ../nbs/10_docs.ipynb #532911e9
+# %% ../nbs/10_docs.ipynb #036d1579
 def scalar(v):
     "A number from `v`, which may be a number, `None`, or a dict with `value`/`sensitivity`/`estimate`"
     if isinstance(v, dict):
@@ -95,7 +95,7 @@ def fmt_ci(ci, digits:int=3)->str:
     if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(scalar(c) is None for c in ci): return '—'
     return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
 
-# %% ../nbs/10_docs.ipynb #4c91fbda
+# %% ../nbs/10_docs.ipynb #a9088b69
 def _labels(metrics:dict)->list: return list(metrics.get('labels') or LABELS)
 
 def per_class_table(metrics:dict)->pd.DataFrame:
@@ -118,9 +118,14 @@ def summary_table(metrics:dict)->pd.DataFrame:
     return pd.DataFrame({'value': [fmt(metrics.get(k)) for k,_ in SUMMARY_KEYS]},
                         index=pd.Index([name for _,name in SUMMARY_KEYS], name='metric'))
 
+def subsets_of(metrics:dict|None)->dict:
+    "The per-subset metrics (adult, pediatric...): `subsets`, or `shortcut.subsets` as the training run writes them"
+    m = metrics or {}
+    return m.get('subsets') or (m.get('shortcut') or {}).get('subsets') or {}
+
 def subsets_table(metrics:dict)->pd.DataFrame|None:
     "Accuracy, macro F1 and COVID-19 recall per subset (adult, pediatric...), or `None` without subsets"
-    subs = metrics.get('subsets') or {}
+    subs = subsets_of(metrics)
     if not subs: return None
     def covid_recall(s):  # no COVID-19 image in the subset: no recall, not 0
         c = (s.get('per_class') or {}).get('COVID-19') or {}
@@ -129,7 +134,17 @@ def subsets_table(metrics:dict)->pd.DataFrame|None:
                    'COVID-19 recall': covid_recall(s)} for name, s in subs.items() if isinstance(s, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('subset')
 
-# %% ../nbs/10_docs.ipynb #db9903d0
+# %% ../nbs/10_docs.ipynb #75f9e7a3
+def shortcut_table(metrics:dict)->pd.DataFrame|None:
+    "Normal images called COVID-19, per age group, from `shortcut.covid_fpr_normal_*`; `None` if absent"
+    sc = (metrics or {}).get('shortcut') or {}
+    rows = {k.removeprefix('covid_fpr_normal_'): v for k, v in sc.items() if k.startswith('covid_fpr_normal_') and isinstance(v, dict)}
+    if not rows: return None
+    return pd.DataFrame.from_dict({g: {'Normal images': fmt(v.get('n')), 'called COVID-19': fmt(v.get('k')),
+                                       'rate': fmt(v), 'rate 95% CI': fmt_ci(v.get('ci95'))} for g, v in rows.items()},
+                                  orient='index').rename_axis('age group')
+
+# %% ../nbs/10_docs.ipynb #dbe06cbb
 def metrics_from_labels(y_true:list, # true labels
                         y_pred:list, # predicted labels
                         labels=LABELS)->dict: # class order
@@ -143,7 +158,7 @@ def metrics_from_labels(y_true:list, # true labels
     return {'labels': list(labels), 'n': len(yt), 'accuracy': accuracy_score(yt, yp),
             'macro_f1': f1_score(yt, yp, labels=list(labels), average='macro', zero_division=0), 'per_class': pc}
 
-# %% ../nbs/10_docs.ipynb #ccc9781a
+# %% ../nbs/10_docs.ipynb #c1729936
 def note(text:str)->'IPython.display.Markdown':
     "A visible 'not available yet' note for a page"
     from IPython.display import Markdown
@@ -166,7 +181,7 @@ def show_image(path:Path|str, # a PNG or JPEG
     path = Path(path)
     return Image(filename=str(path), width=width) if path.is_file() else note(f"`{path.name}` is missing. {missing}")
 
-# %% ../nbs/10_docs.ipynb #1661f87c
+# %% ../nbs/10_docs.ipynb #a7176aa5
 NO_RUN = ("There is no finished training run in `papermill_runs/runs/` yet (a folder with `run.json` and "
           "`metrics.json`). Run `papermill_runs/train.ipynb` with papermill, then rebuild the docs.")
 
@@ -188,7 +203,7 @@ def key_results(run:dict)->'IPython.display.Markdown':
            f"COVID-19 sensitivity at 95% specificity {fmt(s)}"
            + (f" (95% CI {fmt_ci(s['ci95'])})" if isinstance(s, dict) and s.get('ci95') else '')
            + f", expected calibration error {fmt(m.get('ece'))}.")
-    subs = m.get('subsets') or {}
+    subs = subsets_of(m)
     if subs:
         txt += ' Accuracy by subset: ' + ', '.join(f"{k} {fmt(v.get('accuracy'))} (n = {fmt(v.get('n'))})"
                                                   for k, v in subs.items() if isinstance(v, dict)) + '.'
@@ -200,6 +215,7 @@ def history_frame(metrics:dict|None)->pd.DataFrame|None:
     if not h: return None
     df = pd.DataFrame(h)
     if 'epoch' not in df.columns: df.insert(0, 'epoch', range(len(df)))
+    df.insert(0, 'step', range(1, len(df) + 1))  # epochs restart at 0 in each stage (frozen, unfrozen)
     return df
 
 def paper_block(metrics:dict|None):
@@ -215,7 +231,7 @@ def paper_block(metrics:dict|None):
     if not metrics: txt += '\n\n' + note(NO_RUN).data
     display(Markdown(txt))
 
-# %% ../nbs/10_docs.ipynb #19c931e8
+# %% ../nbs/10_docs.ipynb #5fd24875
 def paper_reported()->dict:
     "The quoted numbers of Gueguim Kana et al. 2020 and where they come from (`book/paper_reported.json`)"
     p = read_json(repo_root()/'book'/'paper_reported.json')
@@ -233,7 +249,7 @@ def comparison_table(metrics:dict|None, # our run's metrics, or `None`
                          'this project (validation split)': fmt((ours_pc.get(lab) or {}).get(k))})
     return pd.DataFrame(rows).set_index(['class', 'metric'])
 
-# %% ../nbs/10_docs.ipynb #dd258396
+# %% ../nbs/10_docs.ipynb #3c1c5070
 SOURCES = {'cohen': 'Cohen', 'cxnet': 'COVID-CXNet', 'raddb-bimcv': 'Radiography DB (BIMCV)',
            'kermany-normal': 'Kermany', 'kermany-bacteria': 'Kermany', 'kermany-virus': 'Kermany',
            'nih-normal': 'NIH', 'nih-pneumonia': 'NIH', 'openist': 'chestx-ray.com (OpenIST)',
@@ -257,7 +273,7 @@ def counts(df:pd.DataFrame, # a manifest
     "Images per class (rows) and value of `by` (columns), with totals"
     return pd.crosstab(df.label, df[by], margins=True, margins_name='all').rename_axis(index='class', columns=by)
 
-# %% ../nbs/10_docs.ipynb #def0f8f3
+# %% ../nbs/10_docs.ipynb #713d2032
 def index_path()->Path: return repo_root()/'nbs'/'index.ipynb'
 
 def render_readme(index:Path|str|None=None)->str:
@@ -312,9 +328,9 @@ def readme_problems(index:Path|str|None=None, readme:Path|str|None=None)->list:
         probs.append(f"{Path(index or index_path()).name}'s stored outputs predate run {run.name}: run `python -m cxr_covid_nbdev.docs readme`")
     return probs
 
-# %% ../nbs/10_docs.ipynb #ac782056
+# %% ../nbs/10_docs.ipynb #b04876ee
 def _chapters(nbs:Path)->list: return sorted(p for p in nbs.glob('*.ipynb') if re.match(r'^1[1-9]_', p.name))
-def _library(nbs:Path)->list: return sorted(p for p in nbs.glob('*.ipynb') if re.match(r'^0\d_', p.name))
+def _library(nbs:Path)->list: return sorted(p for p in nbs.glob('*.ipynb') if re.match(r"^0\d[a-z]?_", p.name))
 
 def _strip_directives(nb):
     "Drop `#| hide` and `#| default_exp` cells and the `#|` lines of the others"
@@ -350,7 +366,7 @@ def run_title(run_dir:Path, nb:Path)->str:
     when = f"{t[0:4]}-{t[4:6]}-{t[6:8]} {t[9:11]}:{t[11:13]} UTC" if RUN_NAME.match(t) else t
     return f"{kind.capitalize() + ' run' if kind else 'Run'} {when}: `{nb.name}`"
 
-# %% ../nbs/10_docs.ipynb #47d14cc6
+# %% ../nbs/10_docs.ipynb #a6ed19c5
 def toc(chapters:list, library:list, runs:list)->dict:
     "The Jupyter Book table of contents (`jb-book` format) for staged doc names"
     parts = [{'caption': 'Compendium', 'chapters': [{'file': c} for c in chapters]},
@@ -366,6 +382,7 @@ def stage(out:Path|str|None=None)->Path:
     if out.exists(): shutil.rmtree(out)
     out.mkdir(parents=True)
     shutil.copy(root/'book'/'_config.yml', out/'_config.yml')
+    if (root/'book'/'_static').is_dir(): shutil.copytree(root/'book'/'_static', out/'_static')
     stage_notebook(nbs/'index.ipynb', out/'index.ipynb', execute=True)
     chapters = []
     for p in _chapters(nbs): stage_notebook(p, out/p.name, execute=True); chapters.append(p.stem)
@@ -379,7 +396,7 @@ def stage(out:Path|str|None=None)->Path:
     atomic_write_text(out/'_toc.yml', yaml.safe_dump(toc(chapters, library, runs[::-1]), sort_keys=False))
     return out
 
-# %% ../nbs/10_docs.ipynb #9b9e105c
+# %% ../nbs/10_docs.ipynb #f5142d7b
 def build(out:Path|str|None=None, # the site; default `_build/html` in the checkout
           strict:bool=True)->Path: # warnings are errors
     "Stage the sources and build the site with Jupyter Book; the path of its `index.html`"
@@ -399,7 +416,7 @@ def build(out:Path|str|None=None, # the site; default `_build/html` in the check
         html = Path(out)
     return html/'index.html'
 
-# %% ../nbs/10_docs.ipynb #57c5f588
+# %% ../nbs/10_docs.ipynb #179f8437
 def main(argv:list|None=None)->int:
     "`python -m cxr_covid_nbdev.docs build|readme|check`"
     p = argparse.ArgumentParser(prog='python -m cxr_covid_nbdev.docs', description='Build the research compendium.')
