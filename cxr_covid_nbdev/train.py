@@ -9,7 +9,7 @@ __all__ = ['CONTRAST', 'read_training_data', 'with_split', 'RadiographLoader', '
            'imagenet_state_dict', 'local_state_dict', 'load_body_weights', 'nll', 'fit_temperature', 'ood_threshold',
            'manifest_sha1', 'train_model', 'add_commands']
 
-# %% ../nbs/03_train.ipynb #06cda6d8
+# %% ../nbs/03_train.ipynb #905e18b0
 import argparse, os, tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from .core import *
 
-# %% ../nbs/03_train.ipynb #d6dd7ac1
+# %% ../nbs/03_train.ipynb #93728e8e
 from .data import read_dataset, read_radiograph, split_groups, assign_split
 from . import augment
 
@@ -27,7 +27,7 @@ def read_training_data(data # a path `data.read_dataset` reads, or its DataFrame
     "The manifest DataFrame of `data` (`data.read_dataset`), with absolute paths and checked labels"
     return data if isinstance(data, pd.DataFrame) else read_dataset(data)
 
-# %% ../nbs/03_train.ipynb #50606d1e
+# %% ../nbs/03_train.ipynb #89c69bc4
 def with_split(df:pd.DataFrame, # manifest rows
                seed:int=42, # seed of the split
                valid_pct:float=0.2)->pd.DataFrame: # a copy where every row has a split
@@ -37,7 +37,7 @@ def with_split(df:pd.DataFrame, # manifest rows
     if (df.split == '').any(): df['split'] = assign_split(df, split_groups(df), valid_pct, seed).values
     return df
 
-# %% ../nbs/03_train.ipynb #20428160
+# %% ../nbs/03_train.ipynb #60e1826f
 class RadiographLoader:
     "Path -> 3-channel `PILImage` following the model-input rule (read, then `fit_longest_side`)"
     def __init__(self, prepare_size:int|None=None): self.prepare_size = prepare_size
@@ -49,7 +49,7 @@ class RadiographLoader:
 
 CONTRAST = {'lo': 0.5, 'hi': 1.9, 'p': 0.5}
 
-# %% ../nbs/03_train.ipynb #50a1701c
+# %% ../nbs/03_train.ipynb #a3c4c33c
 def make_dataloaders(df:pd.DataFrame, # rows with `path`, `label` and `split` in {'train', 'valid'}
                      size:int=DEFAULT_SIZE, # side of the square the network sees
                      bs:int=32, # batch size
@@ -74,7 +74,7 @@ def make_dataloaders(df:pd.DataFrame, # rows with `path`, `label` and `split` in
                        batch_tfms=[augment.paper_contrast(**CONTRAST), Normalize.from_stats(IMAGENET_MEAN, IMAGENET_STD)])
     return dblock.dataloaders(items, bs=min(bs, len(tr)), num_workers=num_workers, device=device)
 
-# %% ../nbs/03_train.ipynb #8eee9972
+# %% ../nbs/03_train.ipynb #343c1900
 class PretrainedWeightsUnavailable(FileNotFoundError):
     "ImageNet weights were asked for and cannot be had"
 
@@ -131,7 +131,7 @@ def load_body_weights(model, # a fastai vision model: `Sequential(body, head)`
     model[0].load_state_dict(body.state_dict())
     return model
 
-# %% ../nbs/03_train.ipynb #03d08f2f
+# %% ../nbs/03_train.ipynb #445d8126
 def nll(logits:np.ndarray, y:np.ndarray, temperature:float=1.)->float:
     "Mean negative log-likelihood of class indices `y` under `softmax(logits / temperature)`"
     p = softmax_t(logits, temperature)[np.arange(len(y)), np.asarray(y)]
@@ -156,7 +156,7 @@ def ood_threshold(logits:np.ndarray, # N×C raw validation logits
             'reference': 'validation images not labelled Not Certain',
             'not_certain_flagged': float((e[nc] > t).mean()) if nc.any() else None}
 
-# %% ../nbs/03_train.ipynb #33a677fc
+# %% ../nbs/03_train.ipynb #3d61b864
 def manifest_sha1(df:pd.DataFrame)->str:
     "sha1 of the training manifest's content (image sha1, label, patient id, split), order-independent"
     import hashlib
@@ -166,7 +166,7 @@ def manifest_sha1(df:pd.DataFrame)->str:
                       df.get('split', pd.Series([''] * len(df))).fillna('').astype(str)))
     return hashlib.sha1('\n'.join(','.join(r) for r in rows).encode()).hexdigest()
 
-# %% ../nbs/03_train.ipynb #2087917b
+# %% ../nbs/03_train.ipynb #d2fdb1e8
 def _history(learn, stage):
     names = learn.recorder.metric_names[1:-1]
     return [{'stage': stage, 'epoch': i, **{n: (None if v is None else float(v)) for n, v in zip(names, vals)}}
@@ -211,6 +211,8 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     if out.exists(): raise FileExistsError(f"{out} already exists: choose a new --out (models are never overwritten)")
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
     if epochs < 0 or freeze_epochs < 0: raise ValueError("epochs and freeze_epochs must be >= 0")
+    if init_from is None and not hasattr(tvm, arch):
+        raise ValueError(f"Unknown architecture {arch!r}: use a torchvision model name such as resnet18 or resnet50")
     df = with_split(read_training_data(data), seed)
     prepare_size = df.attrs.get('prepare_size')
     # where the starting weights come from, decided (and checked) before any training
@@ -229,7 +231,6 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
         body_sd, source = imagenet_state_dict(arch)
         imagenet = True
     else: body_sd, imagenet, source = None, False, 'none (random initialisation)'
-    if not hasattr(tvm, arch): raise ValueError(f"Unknown architecture {arch!r}: use a torchvision model name such as resnet18 or resnet50")
 
     seed_everything(seed)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -266,10 +267,10 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
             'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'head': head,
             'imagenet_pretrained': bool(imagenet), 'weights_source': source,
             'init_from': str(init_from) if init_from is not None else None,
-            'temperature': temperature, 'ood': ood_threshold(logits, va.label.values),
+            'temperature': temperature, 'ood': ood_threshold(logits, np.array(LABELS)[y]),
             'seed': seed, 'epochs': epochs, 'freeze_epochs': freeze_epochs,
             'recipe': {'loss': 'cross-entropy', 'optimizer': 'Adam (fastai default)', 'schedule': 'one-cycle',
-                       'lr_min': lr_min, 'lr_max': lr_max, 'bs': dls.train.bs, 'resize': 'squish, bilinear',
+                       'frozen_lr': lr_max, 'lr_min': lr_min, 'lr_max': lr_max, 'bs': dls.train.bs, 'resize': 'squish, bilinear',
                        'contrast': CONTRAST, 'balance': balance, 'device': device.type,
                        'mixed_precision': device.type == 'cuda'},
             'manifest_sha1': manifest_sha1(df), 'n_train': int((df.split == 'train').sum()), 'n_valid': int(len(va)),
@@ -277,7 +278,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     return save_model_dir(model, meta, out, metrics=metrics, dtype=dtype,
                           extra_files={'model_card.md': _model_card(meta, metrics)})
 
-# %% ../nbs/03_train.ipynb #b60e14e0
+# %% ../nbs/03_train.ipynb #20aeea4c
 def _run_train(args):
     pretrained = args.pretrained and args.weights is None
     out = train_model(args.data, args.out, arch=args.arch, size=args.size, epochs=args.epochs,
@@ -315,5 +316,5 @@ def add_commands(subparsers:argparse._SubParsersAction):
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(run=_run_train)
 
-# %% ../nbs/03_train.ipynb #25f57b32
+# %% ../nbs/03_train.ipynb #b254d3e6
 import json
