@@ -12,14 +12,14 @@ __all__ = ['RUN_NAME', 'SUMMARY_KEYS', 'NO_RUN', 'SOURCES', 'repo_root', 'runs_d
            'index_path', 'render_readme', 'sync_readme', 'execute_index', 'readme_problems', 'stage_notebook',
            'run_title', 'toc', 'stage', 'build', 'main']
 
-# %% ../nbs/10_docs.ipynb #04b0713c
+# %% ../nbs/10_docs.ipynb #e4575e75
 import argparse, builtins, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pandas as pd
 from .core import LABELS, atomic_write_text, shared_data_dir
 
-# %% ../nbs/10_docs.ipynb #e66128af
+# %% ../nbs/10_docs.ipynb #dc1bc14c
 def repo_root()->Path:
     "The checkout that holds `nbs/`, `book/` and `papermill_runs/`: `$CXR_DOCS_ROOT` or the package's parent"
     import cxr_covid_nbdev
@@ -41,7 +41,7 @@ def read_json(path:Path|str, # a JSON file
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-# %% ../nbs/10_docs.ipynb #b8492bd7
+# %% ../nbs/10_docs.ipynb #1f2fa7ce
 RUN_NAME = re.compile(r'^\d{8}T\d{6}Z')
 
 def run_kind(run_dir:Path)->str|None:
@@ -64,7 +64,7 @@ def latest_run(kind:str='train', # kind of run
     cands = [d for d in list_runs(kind, runs) if kind != 'train' or (d/'metrics.json').is_file()]
     return cands[-1] if cands else None
 
-# %% ../nbs/10_docs.ipynb #17efff0d
+# %% ../nbs/10_docs.ipynb #ff4e7344
 def load_run(run_dir:Path|str|None)->dict:
     "Everything the pages show about a run: `dir`, `name`, `run`, `metrics`, `figures` (PNGs), `notebooks`"
     if run_dir is None: return {'dir': None, 'name': None, 'run': {}, 'metrics': None, 'figures': [], 'notebooks': []}
@@ -72,7 +72,7 @@ def load_run(run_dir:Path|str|None)->dict:
     return {'dir': d, 'name': d.name, 'run': read_json(d/'run.json', {}), 'metrics': read_json(d/'metrics.json'),
             'figures': sorted(d.glob('*.png')), 'notebooks': sorted(d.glob('*.ipynb'))}
 
-# %% ../nbs/10_docs.ipynb #036d1579
+# %% ../nbs/10_docs.ipynb #937449b1
 def scalar(v):
     "A number from `v`, which may be a number, `None`, or a dict with `value`/`sensitivity`/`estimate`"
     if isinstance(v, dict):
@@ -95,7 +95,7 @@ def fmt_ci(ci, digits:int=3)->str:
     if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(scalar(c) is None for c in ci): return '—'
     return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
 
-# %% ../nbs/10_docs.ipynb #a9088b69
+# %% ../nbs/10_docs.ipynb #814ce004
 def _labels(metrics:dict)->list: return list(metrics.get('labels') or LABELS)
 
 def per_class_table(metrics:dict)->pd.DataFrame:
@@ -134,7 +134,7 @@ def subsets_table(metrics:dict)->pd.DataFrame|None:
                    'COVID-19 recall': covid_recall(s)} for name, s in subs.items() if isinstance(s, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('subset')
 
-# %% ../nbs/10_docs.ipynb #75f9e7a3
+# %% ../nbs/10_docs.ipynb #a2096dcd
 def shortcut_table(metrics:dict)->pd.DataFrame|None:
     "Normal images called COVID-19, per age group, from `shortcut.covid_fpr_normal_*`; `None` if absent"
     sc = (metrics or {}).get('shortcut') or {}
@@ -144,7 +144,7 @@ def shortcut_table(metrics:dict)->pd.DataFrame|None:
                                        'rate': fmt(v), 'rate 95% CI': fmt_ci(v.get('ci95'))} for g, v in rows.items()},
                                   orient='index').rename_axis('age group')
 
-# %% ../nbs/10_docs.ipynb #dbe06cbb
+# %% ../nbs/10_docs.ipynb #c6abe0d4
 def metrics_from_labels(y_true:list, # true labels
                         y_pred:list, # predicted labels
                         labels=LABELS)->dict: # class order
@@ -158,7 +158,7 @@ def metrics_from_labels(y_true:list, # true labels
     return {'labels': list(labels), 'n': len(yt), 'accuracy': accuracy_score(yt, yp),
             'macro_f1': f1_score(yt, yp, labels=list(labels), average='macro', zero_division=0), 'per_class': pc}
 
-# %% ../nbs/10_docs.ipynb #c1729936
+# %% ../nbs/10_docs.ipynb #c3d99857
 def note(text:str)->'IPython.display.Markdown':
     "A visible 'not available yet' note for a page"
     from IPython.display import Markdown
@@ -181,13 +181,15 @@ def show_image(path:Path|str, # a PNG or JPEG
     path = Path(path)
     return Image(filename=str(path), width=width) if path.is_file() else note(f"`{path.name}` is missing. {missing}")
 
-# %% ../nbs/10_docs.ipynb #a7176aa5
+# %% ../nbs/10_docs.ipynb #9dff382c
 NO_RUN = ("There is no finished training run in `papermill_runs/runs/` yet (a folder with `run.json` and "
           "`metrics.json`). Run `papermill_runs/train.ipynb` with papermill, then rebuild the docs.")
 
 def _describe(run:dict)->str:
     p = (run.get('run') or {}).get('parameters') or {}
     bits = [str(p[k]) + sfx for k, sfx in (('arch', ''), ('size', ' px'), ('epochs', ' epochs')) if p.get(k) is not None]
+    if p.get('pretrained') is not None or p.get('weights'):
+        bits.append('ImageNet weights' if (p.get('pretrained') or p.get('weights')) else 'no ImageNet weights: trained from scratch')
     return f"`{run['name']}`" + (f" ({', '.join(bits)})" if bits else '')
 
 def key_results(run:dict)->'IPython.display.Markdown':
@@ -231,7 +233,7 @@ def paper_block(metrics:dict|None):
     if not metrics: txt += '\n\n' + note(NO_RUN).data
     display(Markdown(txt))
 
-# %% ../nbs/10_docs.ipynb #5fd24875
+# %% ../nbs/10_docs.ipynb #a90f1162
 def paper_reported()->dict:
     "The quoted numbers of Gueguim Kana et al. 2020 and where they come from (`book/paper_reported.json`)"
     p = read_json(repo_root()/'book'/'paper_reported.json')
@@ -249,7 +251,7 @@ def comparison_table(metrics:dict|None, # our run's metrics, or `None`
                          'this project (validation split)': fmt((ours_pc.get(lab) or {}).get(k))})
     return pd.DataFrame(rows).set_index(['class', 'metric'])
 
-# %% ../nbs/10_docs.ipynb #3c1c5070
+# %% ../nbs/10_docs.ipynb #e75c5d09
 SOURCES = {'cohen': 'Cohen', 'cxnet': 'COVID-CXNet', 'raddb-bimcv': 'Radiography DB (BIMCV)',
            'kermany-normal': 'Kermany', 'kermany-bacteria': 'Kermany', 'kermany-virus': 'Kermany',
            'nih-normal': 'NIH', 'nih-pneumonia': 'NIH', 'openist': 'chestx-ray.com (OpenIST)',
@@ -273,7 +275,7 @@ def counts(df:pd.DataFrame, # a manifest
     "Images per class (rows) and value of `by` (columns), with totals"
     return pd.crosstab(df.label, df[by], margins=True, margins_name='all').rename_axis(index='class', columns=by)
 
-# %% ../nbs/10_docs.ipynb #713d2032
+# %% ../nbs/10_docs.ipynb #77b21ae2
 def index_path()->Path: return repo_root()/'nbs'/'index.ipynb'
 
 def render_readme(index:Path|str|None=None)->str:
@@ -328,7 +330,7 @@ def readme_problems(index:Path|str|None=None, readme:Path|str|None=None)->list:
         probs.append(f"{Path(index or index_path()).name}'s stored outputs predate run {run.name}: run `python -m cxr_covid_nbdev.docs readme`")
     return probs
 
-# %% ../nbs/10_docs.ipynb #b04876ee
+# %% ../nbs/10_docs.ipynb #73cf3b6d
 def _chapters(nbs:Path)->list: return sorted(p for p in nbs.glob('*.ipynb') if re.match(r'^1[1-9]_', p.name))
 def _library(nbs:Path)->list: return sorted(p for p in nbs.glob('*.ipynb') if re.match(r"^0\d[a-z]?_", p.name))
 
@@ -349,24 +351,29 @@ def _strip_directives(nb):
 def stage_notebook(src:Path|str, # a notebook
                    dst:Path|str, # where the staged copy goes
                    execute:bool=False, # run it at build time?
-                   title:str|None=None): # a heading to put first
+                   title:str|None=None): # added to the notebook's own `# ` title in brackets, or put first as one
     "Copy `src` to `dst` for the book: directives stripped, a kernel named, execution on or off"
     import nbformat
     nb = _strip_directives(nbformat.read(str(src), as_version=4))
-    if title: nb.cells.insert(0, nbformat.v4.new_markdown_cell(f'# {title}'))
+    if title:
+        first = nb.cells[0] if nb.cells else None
+        if first is not None and first.cell_type == 'markdown' and first.source.startswith('# '):
+            head, _, rest = first.source.partition('\n')
+            first.source = f"# {head[2:].strip()} ({title})\n{rest}"
+        else: nb.cells.insert(0, nbformat.v4.new_markdown_cell(f'# {title}'))
     nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
     nb.metadata['mystnb'] = {'execution_mode': 'force' if execute else 'off'}
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(dst))
 
 def run_title(run_dir:Path, nb:Path)->str:
-    "The heading of a run notebook's page: kind, notebook and UTC time"
+    "The heading of a run notebook's page: kind, UTC time (and the notebook, if not the usual one)"
     kind = run_kind(run_dir)
     t = run_dir.name
     when = f"{t[0:4]}-{t[4:6]}-{t[6:8]} {t[9:11]}:{t[11:13]} UTC" if RUN_NAME.match(t) else t
-    return f"{kind.capitalize() + ' run' if kind else 'Run'} {when}: `{nb.name}`"
+    return f"{kind + ' run' if kind else 'run'} {when}" + ('' if nb.stem in ('train', 'retrain') else f", {nb.stem}")
 
-# %% ../nbs/10_docs.ipynb #a6ed19c5
+# %% ../nbs/10_docs.ipynb #7c542abf
 def toc(chapters:list, library:list, runs:list)->dict:
     "The Jupyter Book table of contents (`jb-book` format) for staged doc names"
     parts = [{'caption': 'Compendium', 'chapters': [{'file': c} for c in chapters]},
@@ -396,7 +403,7 @@ def stage(out:Path|str|None=None)->Path:
     atomic_write_text(out/'_toc.yml', yaml.safe_dump(toc(chapters, library, runs[::-1]), sort_keys=False))
     return out
 
-# %% ../nbs/10_docs.ipynb #f5142d7b
+# %% ../nbs/10_docs.ipynb #95ac893b
 def build(out:Path|str|None=None, # the site; default `_build/html` in the checkout
           strict:bool=True)->Path: # warnings are errors
     "Stage the sources and build the site with Jupyter Book; the path of its `index.html`"
@@ -416,7 +423,7 @@ def build(out:Path|str|None=None, # the site; default `_build/html` in the check
         html = Path(out)
     return html/'index.html'
 
-# %% ../nbs/10_docs.ipynb #179f8437
+# %% ../nbs/10_docs.ipynb #0ee16644
 def main(argv:list|None=None)->int:
     "`python -m cxr_covid_nbdev.docs build|readme|check`"
     p = argparse.ArgumentParser(prog='python -m cxr_covid_nbdev.docs', description='Build the research compendium.')

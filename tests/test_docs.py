@@ -85,7 +85,7 @@ def test_stage_lists_every_chapter_and_run(tmp_path, monkeypatch):
     assert chapters and all(c in files for c in chapters)
     assert 'runs/20240101T000000Z/train' in files and 'library/00_core' in files
     staged = nbformat.read(str(src/'runs'/'20240101T000000Z'/'train.ipynb'), as_version=4)
-    assert staged.metadata.mystnb.execution_mode == 'off' and staged.cells[0].source.startswith('# Train run')
+    assert staged.metadata.mystnb.execution_mode == 'off' and staged.cells[0].source.startswith('# train run')
     assert nbformat.read(str(src/'index.ipynb'), as_version=4).metadata.mystnb.execution_mode == 'force'
     cfg = yaml.safe_load((src/'_config.yml').read_text())
     assert cfg['execute']['allow_errors'] is False
