@@ -7,11 +7,11 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/cli.html.md"""
 # %% auto #0
 __all__ = ['COMMAND_MODULES', 'UsageError', 'build_parser', 'main']
 
-# %% ../nbs/09_cli.ipynb #92d825a5
+# %% ../nbs/09_cli.ipynb #7a013ff6
 import argparse, importlib, os, sys
 from .core import NoModelError
 
-# %% ../nbs/09_cli.ipynb #30e0efc5
+# %% ../nbs/09_cli.ipynb #e0b7271a
 COMMAND_MODULES = ('data', 'train', 'external', 'inference', 'registry', 'retrain')
 
 class UsageError(Exception):
@@ -35,3 +35,6 @@ def main(argv:list|None=None)->int:
         print(f"cxr-covid {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+# %% ../nbs/09_cli.ipynb #dd6e00a7
+if __name__ == '__main__': sys.exit(main())

@@ -1,0 +1,90 @@
+"The shipped default model: intact, pickle-free, honest about its recipe, and what commands use by default."
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_covid_nbdev.core import (default_model_dir, file_digest, load_model_dir, read_meta, resolve_model_dir,
+                                  LABELS)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def default_dir():
+    d = default_model_dir()
+    assert (d/'model.safetensors').is_file(), "the default model is not shipped in the package"
+    return d
+
+
+def _training_run(meta):
+    "The papermill run folder that produced the model with this sha256"
+    for run in sorted((REPO/'papermill_runs'/'runs').glob('*/run.json')):
+        r = json.loads(run.read_text())
+        if r.get('kind') == 'train' and r['model']['sha256'] == meta['sha256']: return run.parent, r
+    raise AssertionError('no training run in papermill_runs/runs produced the shipped model')
+
+
+def test_weights_match_meta_and_load_without_pickle(default_dir):
+    meta = read_meta(default_dir)
+    assert file_digest(default_dir/'model.safetensors', 'sha256') == meta['sha256']
+    raw = (default_dir/'model.safetensors').read_bytes()
+    header_len = int.from_bytes(raw[:8], 'little')
+    header = json.loads(raw[8:8 + header_len])           # a safetensors file: length-prefixed JSON, then tensors
+    assert raw[:2] != b'\x80\x04' and 'pickle' not in raw[:8 + header_len].decode('utf-8', 'replace')
+    assert all(v['dtype'] in ('F16', 'F32', 'I64') for k, v in header.items() if k != '__metadata__')
+    assert len(raw) < 50 * 2**20, "the shipped weights must stay under 50 MiB"
+    model, meta2 = load_model_dir(default_dir)
+    assert meta2['labels'] == list(LABELS)
+    import torch
+    with torch.no_grad(): out = model(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, len(LABELS)) and torch.isfinite(out).all()
+
+
+def test_meta_records_recipe_and_calibration(default_dir):
+    meta = read_meta(default_dir)
+    assert meta['imagenet_pretrained'] is False and 'none' in meta['weights_source']
+    assert meta['arch'] == 'resnet50' and meta['size'] == 350
+    assert 0.05 < meta['temperature'] < 20
+    assert meta['ood']['method'] == 'energy' and np.isfinite(meta['ood']['threshold'])
+
+
+def test_model_card_is_rendered_from_metrics(default_dir, cxr_train):
+    "The shipped card is exactly what the card renderer makes of the shipped meta.json and metrics.json"
+    from cxr_covid_nbdev.data import read_dataset
+    from cxr_covid_nbdev.model_card import model_card_markdown
+    meta = read_meta(default_dir)
+    metrics = json.loads((default_dir/'metrics.json').read_text())
+    run_dir, run = _training_run(meta)
+    assert json.loads((run_dir/'metrics.json').read_text()) == metrics
+    card = (default_dir/'model_card.md').read_text()
+    assert card == model_card_markdown(meta, metrics, read_dataset(cxr_train), run)
+    assert f"Accuracy {metrics['accuracy']:.3f}" in card and f"macro F1 {metrics['macro_f1']:.3f}" in card
+    for label in metrics['labels']:
+        assert f"| {label} | {metrics['per_class'][label]['precision']:.3f}" in card.replace('|:', '| ').replace('  ', ' ') \
+            or f"{metrics['per_class'][label]['precision']:.3f}" in card
+    fpr = metrics['shortcut']['covid_fpr_normal_adult']
+    assert f"adult Normal: {100 * fpr['value']:.1f}%" in card
+    assert 'not a medical device' in card and 'no ImageNet weights' in card
+
+
+def test_commands_use_default_model_when_registry_is_empty(default_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv('CXR_COVID_REGISTRY', str(tmp_path/'empty-registry'))
+    assert resolve_model_dir() == default_dir
+
+
+@pytest.mark.slow
+def test_evaluate_with_default_model(cxr_real, tmp_path):
+    "`cxr-covid evaluate DATA --json` with no --model uses the shipped model (a sample of cxr-real, seen in training)"
+    out = tmp_path/'out.json'
+    env = {**__import__('os').environ, 'CXR_COVID_REGISTRY': str(tmp_path/'empty-registry')}
+    r = subprocess.run([sys.executable, '-m', 'cxr_covid_nbdev.cli', 'evaluate', str(cxr_real), '--per-class', '8',
+                        '--json', str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res['n'] == 32 and res['labels'] == list(LABELS)
+    assert res['model']['sha256'] == read_meta(default_dir)['sha256']
+    assert set(res['per_class']) == set(LABELS) and 0 <= res['accuracy'] <= 1
