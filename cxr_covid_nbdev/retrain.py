@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/retrain.html.md"""
 __all__ = ['INBOX_COLUMNS', 'COVID', 'LockHeld', 'RetrainLock', 'InboxError', 'read_inbox_manifest', 'check_inbox', 'merge_inbox',
            'promotion_gate', 'RetrainRun', 'template_notebook', 'default_runs_dir', 'run_retrain', 'add_commands']
 
-# %% ../nbs/08_retrain.ipynb #045b5e8d
+# %% ../nbs/08_retrain.ipynb #1af96f07
 import argparse, errno, fcntl, hashlib, json, os, shutil, socket, sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +18,7 @@ from .core import *
 from .cli import UsageError
 from .registry import Registry, verify_model_dir
 
-# %% ../nbs/08_retrain.ipynb #a877d202
+# %% ../nbs/08_retrain.ipynb #b2886088
 class LockHeld(UsageError):
     "Another retraining run holds the lock"
 
@@ -58,7 +58,7 @@ class RetrainLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
-# %% ../nbs/08_retrain.ipynb #68e3b259
+# %% ../nbs/08_retrain.ipynb #4f45c3c8
 INBOX_COLUMNS = ('path', 'label', 'patient_id', 'validated_by', 'validated_at')
 
 class InboxError(UsageError):
@@ -78,7 +78,7 @@ def read_inbox_manifest(inbox:Path|str)->pd.DataFrame: # the folder with manifes
     if missing: raise InboxError(f"{f} lacks the column(s) {', '.join(missing)}: it needs {', '.join(INBOX_COLUMNS)}")
     return df.apply(lambda c: c.str.strip())
 
-# %% ../nbs/08_retrain.ipynb #ef36fb4c
+# %% ../nbs/08_retrain.ipynb #ace28e99
 from .data import read_radiograph, UnreadableImage, read_dataset
 
 def _reject(row:dict, reason:str)->dict: return {'path': row.get('path', ''), 'label': row.get('label', ''),
@@ -110,7 +110,7 @@ def check_inbox(inbox:Path|str, # folder with manifest.csv and the images
     cols = list(MANIFEST_COLUMNS) + ['validated_by', 'validated_at']
     return pd.DataFrame(rows, columns=cols), rejected
 
-# %% ../nbs/08_retrain.ipynb #397ac8de
+# %% ../nbs/08_retrain.ipynb #00f53aed
 from .data import near_duplicates, hash_pairs, image_hash, split_groups, assign_split, DUP_DISTANCE
 
 def _hashes(df:pd.DataFrame)->list:
@@ -158,7 +158,7 @@ def merge_inbox(base:pd.DataFrame, # reference data (`data.read_dataset`), with 
     if moved: raise AssertionError(f"{moved} reference images changed split; this is a bug")
     return merged, rejected
 
-# %% ../nbs/08_retrain.ipynb #78270a0f
+# %% ../nbs/08_retrain.ipynb #b3a5100e
 COVID = 'COVID-19'
 
 def _covid_recall(m:dict)->float|None:
@@ -186,7 +186,7 @@ def promotion_gate(candidate:dict, # {set name: metrics} of the candidate (`exte
               if not failed else 'candidate worse than production: ' + '; '.join(fmt(k) for k in failed))
     return {'promote': not failed, 'reason': reason, 'checks': checks}
 
-# %% ../nbs/08_retrain.ipynb #79f2e237
+# %% ../nbs/08_retrain.ipynb #b0f0adc2
 class RetrainRun:
     "The state and report of one retraining run"
     def __init__(self, registry:Path|str|None, # registry folder; `core.default_registry_dir()` if `None`
@@ -194,7 +194,7 @@ class RetrainRun:
                  params:dict|None=None): # the run's parameters, recorded as given
         self.registry, self.out = Registry(registry), Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.report = {'run': self.out.name, 'status': 'running', 'started_utc': utc_timestamp(),
+        self.report = {'run': self.out.name, 'out_dir': str(self.out.resolve()), 'status': 'running', 'started_utc': utc_timestamp(),
                        'parameters': to_jsonable(params or {}), 'registry': str(self.registry.root.resolve())}
         self.status('start')
         self.report['cleaned_partial'] = self.registry.clean_partial()
@@ -211,7 +211,7 @@ class RetrainRun:
         "Record the step the run has reached in `status.json`"
         atomic_write_json(self.out/'status.json', {'step': step, 'pid': os.getpid(), 'utc': utc_timestamp()})
 
-# %% ../nbs/08_retrain.ipynb #8acc1683
+# %% ../nbs/08_retrain.ipynb #a8497759
 def _counts(df:pd.DataFrame)->dict:
     return {sp: df[df.split == sp].label.value_counts().reindex(LABELS, fill_value=0).to_dict() for sp in sorted(set(df.split))}
 
@@ -257,7 +257,7 @@ def active(self:RetrainRun)->bool:
     "Is there still something to do?"
     return self.report['status'] == 'running'
 
-# %% ../nbs/08_retrain.ipynb #b8aa3db1
+# %% ../nbs/08_retrain.ipynb #f22b5b4d
 @patch
 def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None, bs:int=32, seed:int=42,
           progress:bool=False)->Path:
@@ -271,7 +271,7 @@ def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None
     self.report['candidate'] = {'path': str(self.candidate), 'sha256': read_meta(self.candidate)['sha256'], 'size': size}
     return self.candidate
 
-# %% ../nbs/08_retrain.ipynb #fbf95a57
+# %% ../nbs/08_retrain.ipynb #12e07eeb
 @patch
 def evaluate(self:RetrainRun, seed:int=42)->dict:
     "Metrics of the candidate and of production on the same sets"
@@ -280,8 +280,10 @@ def evaluate(self:RetrainRun, seed:int=42)->dict:
     sets = {'valid': self.valid, **({'external': self.external} if self.external is not None and len(self.external) else {})}
     res = {who: {name: evaluate_model(d, df, seed=seed) for name, df in sets.items()}
            for who, d in (('candidate', self.candidate), ('production', self.production_dir))}
-    self.report['metrics'] = res
-    return res
+    atomic_write_json(self.out/'evaluation.json', res)  # with every prediction, for the audit
+    self.report['metrics'] = {who: {name: {k: v for k, v in m.items() if k not in ('predictions', 'versions')}
+                                        for name, m in r.items()} for who, r in res.items()}
+    return self.report['metrics']
 
 @patch
 def decide(self:RetrainRun, f1_tolerance:float=0.0, recall_tolerance:float=0.0, dry_run:bool=False)->dict:
@@ -314,7 +316,7 @@ def finish(self:RetrainRun)->dict:
     self.status('done')
     return self.report
 
-# %% ../nbs/08_retrain.ipynb #c7789100
+# %% ../nbs/08_retrain.ipynb #5bfc11c8
 def template_notebook()->Path:
     "The papermill notebook `papermill_runs/retrain.ipynb` of the checkout"
     import cxr_covid_nbdev
@@ -364,14 +366,14 @@ def run_retrain(inbox:Path|str, # folder with manifest.csv and images of validat
                                 kernel_name='python3', progress_bar=False, execution_timeout=timeout)
         except Exception as e:
             rep = json.loads((out/'run.json').read_text()) if (out/'run.json').is_file() else {
-                'run': out.name, 'parameters': params, 'registry': str(registry.resolve())}
+                'run': out.name, 'out_dir': str(out.resolve()), 'parameters': params, 'registry': str(registry.resolve())}
             err = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e))}"
             rep.update(status='failed', error=err, finished_utc=utc_timestamp(), production_after=Registry(registry).production())
             atomic_write_json(out/'run.json', rep)
             raise RuntimeError(f"Retraining run {out} failed ({err}); the registry is unchanged unless run.json says otherwise") from None
     return json.loads((out/'run.json').read_text())
 
-# %% ../nbs/08_retrain.ipynb #52c8f67c
+# %% ../nbs/08_retrain.ipynb #eeb5793a
 def _run_cli(args):
     try:
         rep = run_retrain(args.inbox, args.registry, args.base_data, args.external_data, args.runs_dir,
@@ -383,7 +385,7 @@ def _run_cli(args):
     d = rep.get('decision', {})
     print(f"{rep['status']}: {d.get('reason', '')}")
     if rep.get('candidate_version'): print(f"production is now {rep['candidate_version']}")
-    print(f"inbox: {rep['inbox']['accepted']} accepted, {rep['inbox']['rejected']} rejected; run folder: {Path(rep['parameters']['out_dir'])}")
+    print(f"inbox: {rep['inbox']['accepted']} accepted, {rep['inbox']['rejected']} rejected; run folder: {rep['out_dir']}")
     return 0
 
 def add_commands(subparsers:argparse._SubParsersAction):

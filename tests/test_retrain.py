@@ -1,0 +1,190 @@
+"""Scheduled retraining end to end, with papermill and real images: promotion, rejection of a label-flipped
+inbox, a run killed with SIGKILL, two runs at once, a malformed inbox, rollback. Tiny models (resnet18, 48 px)."""
+import json, os, shutil, signal, subprocess, sys, time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxr_covid_nbdev.core import LABELS, file_digest, read_meta, resolve_model_dir
+from cxr_covid_nbdev.registry import Registry
+from cxr_covid_nbdev.retrain import INBOX_COLUMNS, run_retrain
+
+pytestmark = pytest.mark.slow
+FLIP = {'COVID-19': 'Normal', 'Normal': 'COVID-19', 'Pneumonia': 'Not Certain', 'Not Certain': 'Pneumonia'}
+CLI = [sys.executable, '-c', 'import sys; from cxr_covid_nbdev.cli import main; sys.exit(main())']
+
+
+def snapshot(root: Path) -> dict:
+    "sha256 of every file of the registry (the run lock aside), by relative path"
+    return {str(p.relative_to(root)): file_digest(p, 'sha256') for p in sorted(root.rglob('*'))
+            if p.is_file() and p.name != '.retrain.lock'}
+
+
+@pytest.fixture(scope='module')
+def corpus(cxr_train):
+    m = pd.read_csv(cxr_train/'manifest.csv', keep_default_na=False, dtype=str)
+    return m[m.patient_id != ''].sample(frac=1, random_state=0).assign(path=lambda d: [str(cxr_train/p) for p in d.path])
+
+
+@pytest.fixture(scope='module')
+def base_data(corpus, tmp_path_factory):
+    "Reference data: 12 training and 8 validation images per class of cxr-train, by its patient split"
+    rows = pd.concat([corpus[(corpus.label == l) & (corpus.split == s)].head(n)
+                      for l in LABELS for s, n in (('train', 12), ('valid', 8))])
+    f = tmp_path_factory.mktemp('base')/'manifest.csv'
+    rows.to_csv(f, index=False)
+    return f
+
+
+@pytest.fixture(scope='module')
+def new_cases(corpus, base_data):
+    "10 images per class of cxr-train patients that are not in the reference data"
+    base = pd.read_csv(base_data, keep_default_na=False, dtype=str)
+    rest = corpus[~corpus.patient_id.isin(base.patient_id)]
+    return pd.concat([rest[rest.label == l].head(10) for l in LABELS]).reset_index(drop=True)
+
+
+@pytest.fixture(scope='module')
+def seed_model(base_data, tmp_path_factory):
+    from cxr_covid_nbdev.train import train_model
+    return train_model(base_data, tmp_path_factory.mktemp('seed')/'model', arch='resnet18', size=48, epochs=2,
+                       freeze_epochs=0, bs=16, pretrained=False, seed=0, progress=False)
+
+
+@pytest.fixture
+def registry(tmp_path, seed_model):
+    reg = Registry(tmp_path/'registry')
+    reg.promote(reg.add(seed_model), 'seed model of the tests')
+    return reg
+
+
+def make_inbox(folder: Path, cases: pd.DataFrame, flip: bool = False, extra: list = ()) -> Path:
+    "Copy the cases' images into an inbox folder with a validated manifest (paths relative to the inbox)"
+    (folder/'images').mkdir(parents=True)
+    rows = []
+    for r in cases.itertuples():
+        dst = folder/'images'/f"{r.Index:03d}_{Path(r.path).name}"
+        shutil.copyfile(r.path, dst)
+        rows.append(dict(path=str(dst.relative_to(folder)), label=FLIP[r.label] if flip else r.label,
+                         patient_id=r.patient_id, validated_by='dr test', validated_at='2024-06-01T09:00:00Z'))
+    pd.DataFrame(rows + list(extra), columns=list(INBOX_COLUMNS)).to_csv(folder/'manifest.csv', index=False)
+    return folder
+
+
+def start_cli_run(inbox, registry, base_data, runs, *extra) -> subprocess.Popen:
+    return subprocess.Popen(CLI + ['retrain', '--inbox', str(inbox), '--registry', str(registry.root), '--base-data',
+                                   str(base_data), '--runs-dir', str(runs), '--bs', '16', *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(runs: Path, steps: set, proc: subprocess.Popen, timeout: float = 300) -> dict:
+    "Poll the run's status.json until it reaches one of `steps`"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for f in runs.glob('*/status.json'):
+            try: st = json.loads(f.read_text())
+            except (json.JSONDecodeError, FileNotFoundError): continue
+            if st['step'] in steps: return st
+        if proc.poll() is not None: pytest.fail(f"run ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    pytest.fail(f"run did not reach {steps} in {timeout} s")
+
+
+def wait_gone(pid: int, timeout: float = 30) -> bool:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try: os.kill(pid, 0)
+        except ProcessLookupError: return True
+        time.sleep(0.1)
+    return False
+
+
+def test_good_inbox_is_promoted_and_served(tmp_path, registry, base_data, new_cases, monkeypatch):
+    bad_rows = [dict(path=Path(new_cases.path[0]).name, label='Normal', patient_id='p', validated_by='', validated_at=''),
+                dict(path='images/missing.png', label='Normal', patient_id='q', validated_by='dr', validated_at='2024-06-01'),
+                dict(path='images/x.png', label='Tuberculosis', patient_id='r', validated_by='dr', validated_at='2024-06-01')]
+    inbox = make_inbox(tmp_path/'inbox', new_cases, extra=bad_rows)
+    before = registry.production()
+    rep = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=1, bs=16,
+                      f1_tolerance=1.0, recall_tolerance=1.0)
+    assert rep['status'] == 'promoted', rep.get('decision')
+    v = rep['candidate_version']
+    assert registry.production() == v != before and rep['production_after'] == v
+    assert [e['action'] for e in registry.history()][-1] == 'promote'
+    monkeypatch.setenv('CXR_COVID_REGISTRY', str(registry.root))
+    assert resolve_model_dir() == registry.path(v)  # what `predict` and the dashboard's next session load
+    assert read_meta(registry.path(v))['init_from'] == str(registry.path(before))
+    run_dir = Path(rep['out_dir'])
+    assert (run_dir/'retrain.ipynb').is_file() and json.loads((run_dir/'run.json').read_text()) == rep
+    assert rep['inbox']['accepted'] == len(new_cases) and rep['inbox']['rejected'] == 3
+    reasons = ' | '.join(r['reason'] for r in rep['rejected'])
+    assert 'not validated' in reasons and 'no such file' in reasons and 'Unknown label' in reasons
+    assert sum(rep['data']['new']['train'].values()) > 0
+    ref = pd.read_csv(base_data, keep_default_na=False, dtype=str)
+    for who in ('candidate', 'production'):  # both on the same, fixed reference validation split
+        assert rep['metrics'][who]['valid']['n'] == (ref.split == 'valid').sum()
+    # the reference validation split did not move
+    merged = pd.read_csv(run_dir/'training_manifest.csv', keep_default_na=False, dtype=str)
+    assert merged[merged.origin == 'reference'].split.tolist() == ref.split.tolist()
+    # the same inbox again: nothing new to learn from
+    rep2 = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=1, bs=16, f1_tolerance=1.0)
+    assert rep2['status'] == 'skipped' and registry.production() == v
+    # and rollback restores the previous production model
+    registry.rollback('test')
+    assert registry.production() == before and resolve_model_dir() == registry.path(before)
+
+
+def test_label_flipped_inbox_is_rejected(tmp_path, registry, base_data, new_cases):
+    inbox = make_inbox(tmp_path/'inbox', new_cases, flip=True)
+    before = snapshot(registry.root)
+    rep = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=2, bs=16)
+    assert rep['status'] == 'rejected', rep['gate']
+    assert not rep['decision']['promote'] and 'worse than production' in rep['decision']['reason']
+    assert snapshot(registry.root) == before  # production unchanged, byte for byte
+    assert Path(rep['candidate']['path']).is_dir()  # the candidate stays in the run folder only
+
+
+def test_sigkill_during_training_leaves_registry_usable(tmp_path, registry, base_data, new_cases):
+    inbox = make_inbox(tmp_path/'inbox', new_cases)
+    before, prod = snapshot(registry.root), registry.production()
+    p = start_cli_run(inbox, registry, base_data, tmp_path/'runs', '--epochs', '3', '--f1-tolerance', '1')
+    st = wait_for_step(tmp_path/'runs', {'training'}, p)
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL); p.wait()
+    assert wait_gone(st['pid']), "the papermill kernel outlived its killed parent"
+    assert snapshot(registry.root) == before and registry.production() == prod
+    assert not [q for q in registry.root.iterdir() if q.name.startswith('.v')]
+    assert resolve_model_dir(registry=registry.root) == registry.path(prod)
+    assert json.loads((registry.root/'.retrain.lock').read_text())['pid'] == p.pid  # a stale lock is left
+    rep = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs2', epochs=1, bs=16, dry_run=True)
+    assert rep['status'] == 'dry-run' and rep['stale_lock_taken_over']['pid'] == p.pid
+    assert snapshot(registry.root) == before
+
+
+def test_second_run_is_refused(tmp_path, registry, base_data, new_cases):
+    inbox = make_inbox(tmp_path/'inbox', new_cases)
+    p = start_cli_run(inbox, registry, base_data, tmp_path/'runs', '--dry-run')
+    try:
+        wait_for_step(tmp_path/'runs', {'start', 'data', 'training'}, p)
+        out = subprocess.run(CLI + ['retrain', '--inbox', str(inbox), '--registry', str(registry.root), '--base-data',
+                                    str(base_data), '--runs-dir', str(tmp_path/'runs2')], capture_output=True, text=True)
+        assert out.returncode == 2, out
+        assert f'another retraining run (pid {p.pid}, started ' in out.stderr and 'holds the lock' in out.stderr
+        assert not (tmp_path/'runs2').exists()
+    finally:
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+
+
+@pytest.mark.parametrize('content', [b'path,label\nimages/a.png,Normal\n', bytes(range(256)) * 8, b''])
+def test_malformed_inbox_changes_nothing(tmp_path, registry, base_data, content, capsys):
+    inbox = tmp_path/'inbox'; inbox.mkdir()
+    (inbox/'manifest.csv').write_bytes(content)
+    before = snapshot(registry.root)
+    from cxr_covid_nbdev.cli import main
+    rc = main(['retrain', '--inbox', str(inbox), '--registry', str(registry.root), '--base-data', str(base_data),
+               '--runs-dir', str(tmp_path/'runs')])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'manifest.csv' in err and ('lacks the column' in err or 'not a readable CSV' in err), err
+    assert snapshot(registry.root) == before and not (tmp_path/'runs').exists()
+    assert not (registry.root/'.retrain.lock').exists()
