@@ -77,7 +77,7 @@ def test_commands_use_default_model_when_registry_is_empty(default_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_evaluate_with_default_model(cxr_real, tmp_path):
+def test_evaluate_with_default_model(default_dir, cxr_real, tmp_path):
     "`cxr-covid evaluate DATA --json` with no --model uses the shipped model (a sample of cxr-real, seen in training)"
     out = tmp_path/'out.json'
     env = {**__import__('os').environ, 'CXR_COVID_REGISTRY': str(tmp_path/'empty-registry')}
