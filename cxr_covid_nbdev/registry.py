@@ -8,14 +8,14 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/registry.html.md"""
 __all__ = ['VERSION_RE', 'VERSION_FILES', 'version_name', 'verify_model_dir', 'RegistryError', 'Registry', 'registry_command',
            'add_commands']
 
-# %% ../nbs/07_registry.ipynb #6c39f960
+# %% ../nbs/07_registry.ipynb #65970ba6
 import argparse, fcntl, json, os, re, shutil, stat
 from fastcore.basics import patch
 from contextlib import contextmanager
 from pathlib import Path
 from .core import *
 
-# %% ../nbs/07_registry.ipynb #5d16c79b
+# %% ../nbs/07_registry.ipynb #2cbbd4c3
 VERSION_RE = re.compile(r'^v(\d{4,})-(\d{8}T\d{6}Z)-([0-9a-f]{8})$')
 VERSION_FILES = ('model.safetensors', 'meta.json', 'metrics.json', 'model_card.md')
 
@@ -25,7 +25,7 @@ def version_name(number:int, # 1, 2, ...: the order of addition
     "A sortable, unique version name `v0001-<UTC>-<sha256[:8]>`"
     return f"v{number:04d}-{utc or utc_timestamp()}-{sha256[:8]}"
 
-# %% ../nbs/07_registry.ipynb #10174e08
+# %% ../nbs/07_registry.ipynb #6f4371a8
 def verify_model_dir(model_dir:Path|str)->str:
     "The sha256 of `model_dir`'s weights, after checking it against `meta.json`; `ValueError` otherwise"
     model_dir = Path(model_dir)
@@ -36,7 +36,7 @@ def verify_model_dir(model_dir:Path|str)->str:
         raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in its meta.json: damaged or replaced")
     return digest
 
-# %% ../nbs/07_registry.ipynb #f509e70e
+# %% ../nbs/07_registry.ipynb #9d80d35e
 class RegistryError(ValueError):
     "A registry operation that cannot be done (unknown version, nothing to roll back to...)"
 
@@ -77,7 +77,7 @@ class Registry:
         d = production_model_dir(self.root)
         return d.name if d is not None else None
 
-# %% ../nbs/07_registry.ipynb #f8724145
+# %% ../nbs/07_registry.ipynb #7eb2e819
 def _model_card(version:str, meta:dict, metrics:dict, note:str)->str:
     lines = [f"# Model {version}", "", note or "", "",
              f"- architecture: {meta.get('arch')}, input {meta.get('size')} px, labels: {', '.join(meta.get('labels', []))}",
@@ -104,7 +104,7 @@ def add(self:Registry,
         version = version_name(max(nums, default=0) + 1, sha)
         with atomic_dir(self.root/version) as tmp:
             shutil.copy2(model_dir/'model.safetensors', tmp/'model.safetensors')
-            shutil.copy2(model_dir/'meta.json', tmp/'meta.json')
+            atomic_write_json(tmp/'meta.json', {**meta, 'version': version})  # the name reports and the dashboard show
             atomic_write_json(tmp/'metrics.json', metrics or {})
             if (model_dir/'model_card.md').is_file(): shutil.copy2(model_dir/'model_card.md', tmp/'model_card.md')
             else: atomic_write_text(tmp/'model_card.md', _model_card(version, meta, metrics, note))
@@ -114,7 +114,7 @@ def add(self:Registry,
             for f in tmp.iterdir(): f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     return version
 
-# %% ../nbs/07_registry.ipynb #6215f053
+# %% ../nbs/07_registry.ipynb #6785166b
 @patch
 def history(self:Registry)->list:
     "The promotion history, oldest first (a torn last line from a crash is skipped)"
@@ -170,7 +170,7 @@ def rollback(self:Registry, reason:str='')->dict:
         verify_model_dir(self.path(target))
         return self._set_production('rollback', target, reason or f'rollback of {current}')
 
-# %% ../nbs/07_registry.ipynb #6d0ce472
+# %% ../nbs/07_registry.ipynb #d72a550f
 def _summary(metrics:dict)->dict:
     "The headline numbers of a metrics dict, wherever they sit (top level, `valid`, `external`)"
     res = {}
@@ -215,7 +215,7 @@ def ensure_seeded(self:Registry,
     with self._locked(): self._set_production('seed', v, 'seeded with the shipped default model')
     return v
 
-# %% ../nbs/07_registry.ipynb #179dd64e
+# %% ../nbs/07_registry.ipynb #c758cfda
 @patch
 def clean_partial(self:Registry)->list:
     "Remove folders left by an interrupted `add`; their names"
@@ -228,7 +228,7 @@ def clean_partial(self:Registry)->list:
             shutil.rmtree(p)
     return [p.name for p in gone]
 
-# %% ../nbs/07_registry.ipynb #43da8d74
+# %% ../nbs/07_registry.ipynb #3b1e7247
 def _print_table(rows:list):
     if not rows: print('(no versions)'); return
     cols = ['version', 'production', 'arch', 'size', 'macro_f1', 'valid_macro_f1', 'external_macro_f1']
