@@ -12,7 +12,7 @@ __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SI
            'production_model_dir', 'resolve_model_dir', 'fit_longest_side', 'model_input', 'create_model',
            'save_model_dir', 'read_meta', 'load_model_dir', 'softmax_t', 'energy_score']
 
-# %% ../nbs/00_core.ipynb #227ff032
+# %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-# %% ../nbs/00_core.ipynb #813945e8
+# %% ../nbs/00_core.ipynb #ceae6d09
 LABELS = ('COVID-19', 'Normal', 'Not Certain', 'Pneumonia')
 NOT_CERTAIN = 'Not Certain'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 350
 MANIFEST_COLUMNS = ('path', 'label', 'patient_id', 'source', 'split', 'sha1')
 
-# %% ../nbs/00_core.ipynb #621c8603
+# %% ../nbs/00_core.ipynb #ed4b9e73
 _LABEL_ALIASES = {
     'covid-19': 'COVID-19', 'covid19': 'COVID-19', 'covid': 'COVID-19',
     'normal': 'Normal', 'pneumonia': 'Pneumonia', 'viral pneumonia': 'Pneumonia',
@@ -43,7 +43,7 @@ def check_label(label:str # a class name as a dataset spells it
     if key in _LABEL_ALIASES: return _LABEL_ALIASES[key]
     raise ValueError(f"Unknown label {label!r}: expected one of {', '.join(LABELS)}")
 
-# %% ../nbs/00_core.ipynb #b21916b6
+# %% ../nbs/00_core.ipynb #6c2d6918
 def file_digest(path:Path|str, # file to hash
                 algorithm:str='sha1', # any `hashlib` algorithm name
                 chunk:int=1<<20)->str: # hex digest
@@ -53,7 +53,7 @@ def file_digest(path:Path|str, # file to hash
         while (b := f.read(chunk)): h.update(b)
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #62852c7a
+# %% ../nbs/00_core.ipynb #1182725d
 def _umask()->int:
     "The process umask (read without changing it for long)"
     m = os.umask(0); os.umask(m); return m
@@ -97,7 +97,7 @@ def atomic_write_json(path:Path|str, obj)->Path:
     "Write `obj` as indented JSON to `path` atomically"
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + '\n')
 
-# %% ../nbs/00_core.ipynb #be44baef
+# %% ../nbs/00_core.ipynb #61963427
 @contextmanager
 def atomic_dir(target:Path|str, # folder to create; must not exist unless `overwrite`
                overwrite:bool=False): # replace an existing `target`
@@ -109,9 +109,7 @@ def atomic_dir(target:Path|str, # folder to create; must not exist unless `overw
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        for f in tmp.rglob('*'):
-            if f.is_file():
-                with open(f, 'rb') as fh: os.fsync(fh.fileno())
+        os.sync()  # one flush of everything written, instead of an fsync per file
         if target.exists():
             old = target.with_name(f'.{target.name}.old')
             shutil.rmtree(old, ignore_errors=True)
@@ -123,14 +121,14 @@ def atomic_dir(target:Path|str, # folder to create; must not exist unless `overw
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/00_core.ipynb #8f43e70b
+# %% ../nbs/00_core.ipynb #3e2a5f3e
 def shared_data_dir()->Path:
     "`$CXR_SHARED/data`, or `../shared/data` beside the checkout"
     import cxr_covid_nbdev
     root = os.environ.get('CXR_SHARED') or Path(cxr_covid_nbdev.__file__).resolve().parents[2]/'shared'
     return Path(root)/'data'
 
-# %% ../nbs/00_core.ipynb #6510b4eb
+# %% ../nbs/00_core.ipynb #6bde4ebb
 def seed_everything(seed:int=42):
     "Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run"
     import torch
@@ -147,13 +145,15 @@ def library_versions()->dict:
     for name in _VERSIONED:
         try: res[name] = metadata.version(name)
         except metadata.PackageNotFoundError: res[name] = None
+    if res['cxr-covid-nbdev'] is None:  # run from a source tree, not installed
+        import cxr_covid_nbdev; res['cxr-covid-nbdev'] = cxr_covid_nbdev.__version__
     return res
 
 def utc_timestamp()->str:
     "The current UTC time as `YYYYmmddTHHMMSSZ`, usable as a folder name"
     return datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')
 
-# %% ../nbs/00_core.ipynb #330700ab
+# %% ../nbs/00_core.ipynb #3fee37ac
 MODEL_FILES = ('model.safetensors', 'meta.json')
 
 class NoModelError(FileNotFoundError):
@@ -193,7 +193,7 @@ def resolve_model_dir(model:Path|str|None=None, # a model folder; `None` picks p
                        "installed. Train one with `cxr-covid train DATA --out MODEL_DIR` and pass "
                        "`--model MODEL_DIR`.")
 
-# %% ../nbs/00_core.ipynb #0742c8ed
+# %% ../nbs/00_core.ipynb #d5851a5f
 from PIL import Image
 
 def fit_longest_side(img:Image.Image, # any PIL image
@@ -212,7 +212,7 @@ def model_input(img:Image.Image, # 8-bit grayscale (mode `L`) image
     x = np.repeat(x[None], 3, axis=0)
     return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
 
-# %% ../nbs/00_core.ipynb #00b3d958
+# %% ../nbs/00_core.ipynb #7dae5d2b
 MODEL_FORMAT = 'cxr-covid-nbdev/model-1'
 
 def create_model(arch:str='resnet50', # a torchvision model function name: resnet18, resnet50, densenet121...
@@ -270,7 +270,7 @@ def load_model_dir(model_dir:Path|str, # a folder written by `save_model_dir`
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
-# %% ../nbs/00_core.ipynb #b338ef99
+# %% ../nbs/00_core.ipynb #a4a41351
 def softmax_t(logits:np.ndarray, # N×C logits
               temperature:float=1.0)->np.ndarray: # N×C probabilities
     "Softmax of `logits / temperature`, numerically stable"
