@@ -12,9 +12,9 @@ ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
 
 
 @pytest.fixture(scope='module')
-def site():
+def site(tmp_path_factory):
     "The site, built once for this module with `-W` (a warning or a broken cross-reference fails the build)"
-    return docs.build(strict=True).parent
+    return docs.build(tmp_path_factory.mktemp('docs'), strict=True).parent
 
 
 @pytest.fixture(scope='module')
