@@ -1,0 +1,139 @@
+"The clinician dashboard in Debian's Chromium: `cxr-covid dashboard` served by Voila, driven with Playwright."
+import os, re, signal, socket, subprocess, time
+from pathlib import Path
+
+import pytest
+
+from cxr_covid_nbdev.core import LABELS, NOT_CERTAIN, read_meta
+
+pytestmark = pytest.mark.browser
+CHROMIUM = '/usr/bin/chromium'
+ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
+
+
+def _free_port()->int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def _wait_port(port, proc, timeout=240):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None: raise RuntimeError(f"cxr-covid dashboard exited with status {proc.returncode}")
+        try: socket.create_connection(('127.0.0.1', port), timeout=1).close(); return
+        except OSError: time.sleep(1)
+    raise TimeoutError(f"the dashboard did not open port {port} in {timeout}s")
+
+
+@pytest.fixture(scope='module')
+def dashboard(tiny_model_dir, tmp_path_factory):
+    "`cxr-covid dashboard --model <tiny model>` on a free port; yields (url, log file); always stopped"
+    if not Path(CHROMIUM).is_file(): pytest.skip(f"{CHROMIUM} is not installed (make browser)")
+    port, tmp = _free_port(), tmp_path_factory.mktemp('dashboard')
+    log = tmp/'server.log'
+    env = {**os.environ, 'CXR_COVID_CACHE': str(tmp/'cache')}
+    with open(log, 'wb') as out:
+        proc = subprocess.Popen(['cxr-covid', 'dashboard', '--model', str(tiny_model_dir), '--port', str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
+    try:
+        _wait_port(port, proc)
+        yield f'http://127.0.0.1:{port}/', log, tmp
+    finally:
+        try: os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+        try: proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait(20)
+
+
+def _upload(page, files, n):
+    "Choose `files` in the upload button and wait for the dashboard's `n`-th answer"
+    with page.expect_file_chooser() as fc: page.click('.cxr-upload')
+    fc.value.set_files([str(f) for f in files])
+    page.wait_for_selector(f'.cxr-status [data-upload="{n}"]', timeout=180_000)
+    return page.locator('.cxr-results > *')
+
+
+def _check_result(card, name):
+    "A result card: file name, a verdict or an abstention with its reason, four bars summing to 100%, image and Grad-CAM"
+    assert card.locator('.cxr-filename').inner_text() == name
+    verdict = card.locator('.cxr-verdict').inner_text()
+    first = verdict.split(':')[0].split(' (')[0].strip()
+    assert first in LABELS, verdict
+    abstained = 'cxr-abstained' in card.locator('.cxr-verdict').get_attribute('class')
+    assert abstained == (first == NOT_CERTAIN)
+    if abstained: assert 'abstains' in verdict and ('usable frontal chest radiograph' in verdict or 'unlike the training images' in verdict)
+    bars = card.locator('.cxr-bar')
+    assert bars.count() == len(LABELS)
+    assert [bars.nth(i).get_attribute('data-label') for i in range(len(LABELS))] == list(LABELS)
+    values = [float(bars.nth(i).locator('.cxr-bar-value').inner_text().rstrip('%')) for i in range(len(LABELS))]
+    assert abs(sum(values) - 100) < 0.5, values
+    top = card.locator('.cxr-bar.cxr-top').get_attribute('data-label')
+    assert values[list(LABELS).index(top)] == max(values)
+    if not abstained: assert first == top
+    for cls in ('cxr-image', 'cxr-cam'):
+        img = card.locator(f'.{cls} img')
+        assert img.count() == 1 and img.evaluate('e => e.complete && e.naturalWidth > 0')
+    return first, abstained
+
+
+def _fit_viewport(page):
+    h = page.evaluate("document.querySelector('.cxr-app').getBoundingClientRect().bottom")
+    page.set_viewport_size({'width': 1280, 'height': int(h) + 120})
+
+
+def test_dashboard_uploads(dashboard, tiny_model_dir, cxr_real, dicom_file, artifacts, tmp_path):
+    from playwright.sync_api import sync_playwright
+    url, log, server_dir = dashboard
+    cxr = sorted((cxr_real/'COVID-19').glob('*.jpg'))[0]
+    corrupt = tmp_path/'corrupt.png'
+    corrupt.write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(64))
+    meta = read_meta(tiny_model_dir)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={'width': 1280, 'height': 900})
+            page.goto(url, timeout=180_000)
+            page.wait_for_selector('.cxr-upload', timeout=240_000)
+            # what every visitor sees: the research-use notice, the model's version and its card
+            assert 'not a diagnosis' in page.locator('.cxr-notice').inner_text()
+            assert page.locator('.cxr-model-version .cxr-version').inner_text() == (meta.get('version') or meta['sha256'][:12])
+            page.click('.cxr-model-card .jupyter-widget-Collapse-header')
+            if (tiny_model_dir/'model_card.md').is_file():
+                first_line = next(l for l in (tiny_model_dir/'model_card.md').read_text().splitlines() if l.strip()).lstrip('# ').strip()
+                page.wait_for_function('t => document.querySelector(".cxr-model-card").innerText.includes(t)', arg=first_line[:40], timeout=30_000)
+
+            # 1. a real chest radiograph
+            cards = _upload(page, [cxr], 1)
+            assert cards.count() == 1
+            _check_result(cards.nth(0), cxr.name)
+
+            # 2. two DICOM files at once: a chest CR and a tibia (RG3, EXTREMITY); the tibia gets an abstention or a verdict
+            rg1, rg3 = dicom_file('RG1_UNCI.dcm'), dicom_file('RG3_UNCI.dcm')
+            cards = _upload(page, [rg1, rg3], 2)
+            assert cards.count() == 2
+            _check_result(cards.nth(0), 'RG1_UNCI.dcm')
+            _check_result(cards.nth(1), 'RG3_UNCI.dcm')
+            _fit_viewport(page)
+            page.screenshot(path=str(artifacts/'dashboard.png'), full_page=True)
+            page.set_viewport_size({'width': 1280, 'height': 900})
+
+            # 3. a corrupt file: a plain message, no result, no traceback
+            cards = _upload(page, [corrupt], 3)
+            assert cards.count() == 1 and page.locator('.cxr-result').count() == 0
+            msg = page.locator('.cxr-error').inner_text()
+            assert 'Could not read this file' in msg and 'corrupt.png' in msg
+            assert 'could not be used' in page.locator('.cxr-status').inner_text()
+            assert 'Traceback' not in page.inner_text('body')
+            page.screenshot(path=str(artifacts/'dashboard-error.png'), full_page=True)
+
+            # 4. the next upload works
+            cards = _upload(page, [cxr], 4)
+            assert cards.count() == 1 and page.locator('.cxr-error').count() == 0
+            _check_result(cards.nth(0), cxr.name)
+        finally:
+            browser.close()
+    # nothing uploaded was written beside the server or named in its log
+    assert not [p for p in server_dir.rglob('*') if p.is_file() and p.suffix.lower() in ('.png', '.jpg', '.dcm')]
+    text = log.read_text(errors='replace')
+    assert 'RG1_UNCI' not in text and cxr.name not in text and 'Traceback' not in text
