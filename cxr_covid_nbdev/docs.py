@@ -12,14 +12,14 @@ __all__ = ['RUN_NAME', 'SUMMARY_KEYS', 'NO_RUN', 'SOURCES', 'repo_root', 'runs_d
            'index_path', 'render_readme', 'sync_readme', 'execute_index', 'readme_problems', 'stage_notebook',
            'run_title', 'toc', 'stage', 'build', 'main']
 
-# %% ../nbs/10_docs.ipynb #05c5c06d
+# %% ../nbs/10_docs.ipynb #f5d08493
 import argparse, builtins, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pandas as pd
 from .core import LABELS, atomic_write_text, shared_data_dir
 
-# %% ../nbs/10_docs.ipynb #62ae08c7
+# %% ../nbs/10_docs.ipynb #4a16ec07
 def repo_root()->Path:
     "The checkout that holds `nbs/`, `book/` and `papermill_runs/`: `$CXR_DOCS_ROOT` or the package's parent"
     import cxr_covid_nbdev
@@ -41,7 +41,7 @@ def read_json(path:Path|str, # a JSON file
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-# %% ../nbs/10_docs.ipynb #161a7474
+# %% ../nbs/10_docs.ipynb #3722b23a
 RUN_NAME = re.compile(r'^\d{8}T\d{6}Z')
 
 def run_kind(run_dir:Path)->str|None:
@@ -64,7 +64,7 @@ def latest_run(kind:str='train', # kind of run
     cands = [d for d in list_runs(kind, runs) if kind != 'train' or (d/'metrics.json').is_file()]
     return cands[-1] if cands else None
 
-# %% ../nbs/10_docs.ipynb #b598f2c1
+# %% ../nbs/10_docs.ipynb #e6bcb9c4
 def load_run(run_dir:Path|str|None)->dict:
     "Everything the pages show about a run: `dir`, `name`, `run`, `metrics`, `figures` (PNGs), `notebooks`"
     if run_dir is None: return {'dir': None, 'name': None, 'run': {}, 'metrics': None, 'figures': [], 'notebooks': []}
@@ -72,7 +72,7 @@ def load_run(run_dir:Path|str|None)->dict:
     return {'dir': d, 'name': d.name, 'run': read_json(d/'run.json', {}), 'metrics': read_json(d/'metrics.json'),
             'figures': sorted(d.glob('*.png')), 'notebooks': sorted(d.glob('*.ipynb'))}
 
-# %% ../nbs/10_docs.ipynb #8be7cf0c
+# %% ../nbs/10_docs.ipynb #88f750e8
 def scalar(v):
     "A number from `v`, which may be a number, `None`, or a dict with `value`/`sensitivity`/`estimate`"
     if isinstance(v, dict):
@@ -95,7 +95,7 @@ def fmt_ci(ci, digits:int=3)->str:
     if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(scalar(c) is None for c in ci): return '—'
     return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
 
-# %% ../nbs/10_docs.ipynb #7bbd0c92
+# %% ../nbs/10_docs.ipynb #5974538f
 def _labels(metrics:dict)->list: return list(metrics.get('labels') or LABELS)
 
 def per_class_table(metrics:dict)->pd.DataFrame:
@@ -134,7 +134,7 @@ def subsets_table(metrics:dict)->pd.DataFrame|None:
                    'COVID-19 recall': covid_recall(s)} for name, s in subs.items() if isinstance(s, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('subset')
 
-# %% ../nbs/10_docs.ipynb #74a8e8d1
+# %% ../nbs/10_docs.ipynb #a5f3cadb
 def shortcut_table(metrics:dict)->pd.DataFrame|None:
     "Normal images called COVID-19, per age group, from `shortcut.covid_fpr_normal_*`; `None` if absent"
     sc = (metrics or {}).get('shortcut') or {}
@@ -144,7 +144,7 @@ def shortcut_table(metrics:dict)->pd.DataFrame|None:
                                        'rate': fmt(v), 'rate 95% CI': fmt_ci(v.get('ci95'))} for g, v in rows.items()},
                                   orient='index').rename_axis('age group')
 
-# %% ../nbs/10_docs.ipynb #85b87f0d
+# %% ../nbs/10_docs.ipynb #9f4f02c6
 def metrics_from_labels(y_true:list, # true labels
                         y_pred:list, # predicted labels
                         labels=LABELS)->dict: # class order
@@ -158,7 +158,7 @@ def metrics_from_labels(y_true:list, # true labels
     return {'labels': list(labels), 'n': len(yt), 'accuracy': accuracy_score(yt, yp),
             'macro_f1': f1_score(yt, yp, labels=list(labels), average='macro', zero_division=0), 'per_class': pc}
 
-# %% ../nbs/10_docs.ipynb #41f005d8
+# %% ../nbs/10_docs.ipynb #0dfb5baf
 def note(text:str)->'IPython.display.Markdown':
     "A visible 'not available yet' note for a page"
     from IPython.display import Markdown
@@ -181,7 +181,7 @@ def show_image(path:Path|str, # a PNG or JPEG
     path = Path(path)
     return Image(filename=str(path), width=width) if path.is_file() else note(f"`{path.name}` is missing. {missing}")
 
-# %% ../nbs/10_docs.ipynb #3a745950
+# %% ../nbs/10_docs.ipynb #e1a7f828
 NO_RUN = ("There is no finished training run in `papermill_runs/runs/` yet (a folder with `run.json` and "
           "`metrics.json`). Run `papermill_runs/train.ipynb` with papermill, then rebuild the docs.")
 
@@ -233,7 +233,7 @@ def paper_block(metrics:dict|None):
     if not metrics: txt += '\n\n' + note(NO_RUN).data
     display(Markdown(txt))
 
-# %% ../nbs/10_docs.ipynb #54e499ff
+# %% ../nbs/10_docs.ipynb #1a5b063e
 def paper_reported()->dict:
     "The quoted numbers of Gueguim Kana et al. 2020 and where they come from (`book/paper_reported.json`)"
     p = read_json(repo_root()/'book'/'paper_reported.json')
@@ -251,7 +251,7 @@ def comparison_table(metrics:dict|None, # our run's metrics, or `None`
                          'this project (validation split)': fmt((ours_pc.get(lab) or {}).get(k))})
     return pd.DataFrame(rows).set_index(['class', 'metric'])
 
-# %% ../nbs/10_docs.ipynb #192ee5c3
+# %% ../nbs/10_docs.ipynb #5fb9bf50
 SOURCES = {'cohen': 'Cohen', 'cxnet': 'COVID-CXNet', 'raddb-bimcv': 'Radiography DB (BIMCV)',
            'kermany-normal': 'Kermany', 'kermany-bacteria': 'Kermany', 'kermany-virus': 'Kermany',
            'nih-normal': 'NIH', 'nih-pneumonia': 'NIH', 'openist': 'chestx-ray.com (OpenIST)',
@@ -275,7 +275,7 @@ def counts(df:pd.DataFrame, # a manifest
     "Images per class (rows) and value of `by` (columns), with totals"
     return pd.crosstab(df.label, df[by], margins=True, margins_name='all').rename_axis(index='class', columns=by)
 
-# %% ../nbs/10_docs.ipynb #757e400c
+# %% ../nbs/10_docs.ipynb #eb378c23
 def index_path()->Path: return repo_root()/'nbs'/'index.ipynb'
 
 def render_readme(index:Path|str|None=None)->str:
@@ -330,7 +330,7 @@ def readme_problems(index:Path|str|None=None, readme:Path|str|None=None)->list:
         probs.append(f"{Path(index or index_path()).name}'s stored outputs predate run {run.name}: run `python -m cxr_covid_nbdev.docs readme`")
     return probs
 
-# %% ../nbs/10_docs.ipynb #464e59ca
+# %% ../nbs/10_docs.ipynb #c52cc286
 def _chapters(nbs:Path)->list: return sorted(p for p in nbs.glob('*.ipynb') if re.match(r'^1[1-9]_', p.name))
 def _library(nbs:Path)->list: return sorted(p for p in nbs.glob('*.ipynb') if re.match(r"^0\d[a-z]?_", p.name))
 
@@ -373,7 +373,7 @@ def run_title(run_dir:Path, nb:Path)->str:
     when = f"{t[0:4]}-{t[4:6]}-{t[6:8]} {t[9:11]}:{t[11:13]} UTC" if RUN_NAME.match(t) else t
     return f"{kind + ' run' if kind else 'run'} {when}" + ('' if nb.stem in ('train', 'retrain') else f", {nb.stem}")
 
-# %% ../nbs/10_docs.ipynb #67e53b80
+# %% ../nbs/10_docs.ipynb #7acd858a
 def toc(chapters:list, library:list, runs:list)->dict:
     "The Jupyter Book table of contents (`jb-book` format) for staged doc names"
     parts = [{'caption': 'Compendium', 'chapters': [{'file': c} for c in chapters]},
@@ -403,12 +403,13 @@ def stage(out:Path|str|None=None)->Path:
     atomic_write_text(out/'_toc.yml', yaml.safe_dump(toc(chapters, library, runs[::-1]), sort_keys=False))
     return out
 
-# %% ../nbs/10_docs.ipynb #6b6501f8
+# %% ../nbs/10_docs.ipynb #6041d5a0
 def build(dest:Path|str|None=None, # folder that gets `_build/` (sources, executed notebooks, `html/`); default the checkout
           strict:bool=True)->Path: # warnings are errors
     "Stage the sources and build the site with Jupyter Book; the path of its `index.html`"
     root = repo_root()
     base = Path(dest) if dest else root
+    shutil.rmtree(base/'_build', ignore_errors=True)  # a fresh build every time: the same sources give the same site
     src = stage(base/'_build'/'_src')
     cmd = [sys.executable, '-c', 'import sys; from jupyter_book.cli.main import main; sys.exit(main())',
            'build', str(src), '--path-output', str(base), '--builder', 'html'] + (['-W', '--keep-going'] if strict else [])
@@ -420,7 +421,7 @@ def build(dest:Path|str|None=None, # folder that gets `_build/` (sources, execut
     if not (html/'index.html').is_file(): raise RuntimeError(f"jupyter-book wrote no {html/'index.html'}:\n{res.stdout[-3000:]}")
     return html/'index.html'
 
-# %% ../nbs/10_docs.ipynb #d6c86568
+# %% ../nbs/10_docs.ipynb #d4673c5e
 def main(argv:list|None=None)->int:
     "`python -m cxr_covid_nbdev.docs build|readme|check`"
     p = argparse.ArgumentParser(prog='python -m cxr_covid_nbdev.docs', description='Build the research compendium.')
