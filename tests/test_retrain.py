@@ -176,7 +176,8 @@ def test_second_run_is_refused(tmp_path, registry, base_data, new_cases):
         os.killpg(p.pid, signal.SIGKILL); p.wait()
 
 
-@pytest.mark.parametrize('content', [b'path,label\nimages/a.png,Normal\n', bytes(range(256)) * 8, b''])
+@pytest.mark.parametrize('content', [b'path,label\nimages/a.png,Normal\n', bytes(range(256)) * 8, b''],
+                         ids=['missing-columns', 'binary', 'empty'])
 def test_malformed_inbox_changes_nothing(tmp_path, registry, base_data, content, capsys):
     inbox = tmp_path/'inbox'; inbox.mkdir()
     (inbox/'manifest.csv').write_bytes(content)
