@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/retrain.html.md"""
 __all__ = ['INBOX_COLUMNS', 'COVID', 'LockHeld', 'RetrainLock', 'InboxError', 'read_inbox_manifest', 'check_inbox', 'merge_inbox',
            'promotion_gate', 'RetrainRun', 'template_notebook', 'default_runs_dir', 'run_retrain', 'add_commands']
 
-# %% ../nbs/08_retrain.ipynb #1af96f07
+# %% ../nbs/08_retrain.ipynb #e70fb07e
 import argparse, errno, fcntl, hashlib, json, os, shutil, socket, sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +18,7 @@ from .core import *
 from .cli import UsageError
 from .registry import Registry, verify_model_dir
 
-# %% ../nbs/08_retrain.ipynb #b2886088
+# %% ../nbs/08_retrain.ipynb #972778aa
 class LockHeld(UsageError):
     "Another retraining run holds the lock"
 
@@ -58,7 +58,7 @@ class RetrainLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
-# %% ../nbs/08_retrain.ipynb #4f45c3c8
+# %% ../nbs/08_retrain.ipynb #bab77aa3
 INBOX_COLUMNS = ('path', 'label', 'patient_id', 'validated_by', 'validated_at')
 
 class InboxError(UsageError):
@@ -78,7 +78,7 @@ def read_inbox_manifest(inbox:Path|str)->pd.DataFrame: # the folder with manifes
     if missing: raise InboxError(f"{f} lacks the column(s) {', '.join(missing)}: it needs {', '.join(INBOX_COLUMNS)}")
     return df.apply(lambda c: c.str.strip())
 
-# %% ../nbs/08_retrain.ipynb #ace28e99
+# %% ../nbs/08_retrain.ipynb #120e8e6a
 from .data import read_radiograph, UnreadableImage, read_dataset
 
 def _reject(row:dict, reason:str)->dict: return {'path': row.get('path', ''), 'label': row.get('label', ''),
@@ -110,7 +110,7 @@ def check_inbox(inbox:Path|str, # folder with manifest.csv and the images
     cols = list(MANIFEST_COLUMNS) + ['validated_by', 'validated_at']
     return pd.DataFrame(rows, columns=cols), rejected
 
-# %% ../nbs/08_retrain.ipynb #00f53aed
+# %% ../nbs/08_retrain.ipynb #6d676fee
 from .data import near_duplicates, hash_pairs, image_hash, split_groups, assign_split, DUP_DISTANCE
 
 def _hashes(df:pd.DataFrame)->list:
@@ -158,7 +158,7 @@ def merge_inbox(base:pd.DataFrame, # reference data (`data.read_dataset`), with 
     if moved: raise AssertionError(f"{moved} reference images changed split; this is a bug")
     return merged, rejected
 
-# %% ../nbs/08_retrain.ipynb #b3a5100e
+# %% ../nbs/08_retrain.ipynb #ae92171c
 COVID = 'COVID-19'
 
 def _covid_recall(m:dict)->float|None:
@@ -186,32 +186,36 @@ def promotion_gate(candidate:dict, # {set name: metrics} of the candidate (`exte
               if not failed else 'candidate worse than production: ' + '; '.join(fmt(k) for k in failed))
     return {'promote': not failed, 'reason': reason, 'checks': checks}
 
-# %% ../nbs/08_retrain.ipynb #b0f0adc2
+# %% ../nbs/08_retrain.ipynb #90d44216
 class RetrainRun:
     "The state and report of one retraining run"
     def __init__(self, registry:Path|str|None, # registry folder; `core.default_registry_dir()` if `None`
                  out_dir:Path|str, # this run's folder (run.json, status.json, the candidate model)
-                 params:dict|None=None): # the run's parameters, recorded as given
-        self.registry, self.out = Registry(registry), Path(out_dir)
+                 params:dict|None=None, # the run's parameters, recorded as given
+                 dry_run:bool=False): # change nothing in the registry (not even seed it)
+        self.registry, self.out, self.dry_run = Registry(registry), Path(out_dir), dry_run
         self.out.mkdir(parents=True, exist_ok=True)
         self.report = {'run': self.out.name, 'out_dir': str(self.out.resolve()), 'status': 'running', 'started_utc': utc_timestamp(),
                        'parameters': to_jsonable(params or {}), 'registry': str(self.registry.root.resolve())}
         self.status('start')
-        self.report['cleaned_partial'] = self.registry.clean_partial()
-        seeded = self.registry.ensure_seeded()
-        if seeded: self.report['seeded'] = seeded
+        if not dry_run:
+            self.report['cleaned_partial'] = self.registry.clean_partial()
+            seeded = self.registry.ensure_seeded()
+            if seeded: self.report['seeded'] = seeded
         self.production = self.registry.production()
-        if self.production is None:
+        if self.production is not None: self.production_dir = self.registry.path(self.production)
+        elif dry_run and not self.registry.versions() and is_model_dir(default_model_dir()):
+            self.production, self.production_dir = 'shipped default', default_model_dir()
+        else:
             raise NoModelError(f"The registry {self.registry.root} has no production model to fine-tune and no default "
                                "model is installed: add one with `cxr-covid registry add MODEL_DIR --promote`")
-        self.production_dir = self.registry.path(self.production)
         self.report['production_before'] = self.production
 
     def status(self, step:str):
         "Record the step the run has reached in `status.json`"
         atomic_write_json(self.out/'status.json', {'step': step, 'pid': os.getpid(), 'utc': utc_timestamp()})
 
-# %% ../nbs/08_retrain.ipynb #a8497759
+# %% ../nbs/08_retrain.ipynb #51273269
 def _counts(df:pd.DataFrame)->dict:
     return {sp: df[df.split == sp].label.value_counts().reindex(LABELS, fill_value=0).to_dict() for sp in sorted(set(df.split))}
 
@@ -257,7 +261,7 @@ def active(self:RetrainRun)->bool:
     "Is there still something to do?"
     return self.report['status'] == 'running'
 
-# %% ../nbs/08_retrain.ipynb #f22b5b4d
+# %% ../nbs/08_retrain.ipynb #929bac1c
 @patch
 def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None, bs:int=32, seed:int=42,
           progress:bool=False)->Path:
@@ -271,7 +275,7 @@ def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None
     self.report['candidate'] = {'path': str(self.candidate), 'sha256': read_meta(self.candidate)['sha256'], 'size': size}
     return self.candidate
 
-# %% ../nbs/08_retrain.ipynb #12e07eeb
+# %% ../nbs/08_retrain.ipynb #a0a0df45
 @patch
 def evaluate(self:RetrainRun, seed:int=42)->dict:
     "Metrics of the candidate and of production on the same sets"
@@ -292,7 +296,7 @@ def decide(self:RetrainRun, f1_tolerance:float=0.0, recall_tolerance:float=0.0, 
     m = self.report['metrics']
     gate = promotion_gate(m['candidate'], m['production'], f1_tolerance, recall_tolerance)
     self.report['gate'] = gate
-    if dry_run:
+    if dry_run or self.dry_run:
         self.report['status'] = 'dry-run'
         self.report['decision'] = {'promote': False, 'would_promote': gate['promote'], 'reason': 'dry run: ' + gate['reason']}
         return self.report['decision']
@@ -316,7 +320,7 @@ def finish(self:RetrainRun)->dict:
     self.status('done')
     return self.report
 
-# %% ../nbs/08_retrain.ipynb #5bfc11c8
+# %% ../nbs/08_retrain.ipynb #01b16efb
 def template_notebook()->Path:
     "The papermill notebook `papermill_runs/retrain.ipynb` of the checkout"
     import cxr_covid_nbdev
@@ -373,7 +377,7 @@ def run_retrain(inbox:Path|str, # folder with manifest.csv and images of validat
             raise RuntimeError(f"Retraining run {out} failed ({err}); the registry is unchanged unless run.json says otherwise") from None
     return json.loads((out/'run.json').read_text())
 
-# %% ../nbs/08_retrain.ipynb #eeb5793a
+# %% ../nbs/08_retrain.ipynb #3afc366d
 def _run_cli(args):
     try:
         rep = run_retrain(args.inbox, args.registry, args.base_data, args.external_data, args.runs_dir,
