@@ -29,5 +29,8 @@ mkdir -p "$RUN"
 python3 -m papermill papermill_runs/train.ipynb "$RUN/train.ipynb" --cwd papermill_runs --log-output \
   -p data "$DATA" -p out_dir "$PWD/$RUN" -p arch "$ARCH" -p size "$SIZE" -p epochs "$EPOCHS" \
   -p freeze_epochs "$FREEZE" -p bs "$BS" -p pretrained False -p num_workers 12 ${EXTRA_PARAMS:-}
+# the data set's own record (size, sources) and its prepare report (skipped files, near-duplicates) go with the run
+if [ -f "$DATA/prepare.json" ]; then cp "$DATA/prepare.json" "$RUN/prepare.json"; fi
+if [ -f "$DATA/report.json" ]; then cp "$DATA/report.json" "$RUN/prepare_report.json"; fi
 tar czf - -C papermill_runs/runs "$TS" | split -b 15M -d - "$OUT/run.tgz.part"
 ls -la "$OUT"
