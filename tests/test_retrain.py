@@ -46,6 +46,19 @@ def new_cases(corpus, base_data):
 
 
 @pytest.fixture(scope='module')
+def external(corpus, base_data, new_cases, tmp_path_factory):
+    "External set: 3 images per class of other patients that have another image left (for an inbox row)"
+    used = set(pd.read_csv(base_data, keep_default_na=False, dtype=str).patient_id) | set(new_cases.patient_id)
+    rest = corpus[~corpus.patient_id.isin(used)]
+    multi = rest[rest.patient_id.duplicated(keep=False)].drop_duplicates('patient_id')
+    rows = pd.concat([multi[multi.label == l].head(3) for l in LABELS])
+    f = tmp_path_factory.mktemp('external')/'manifest.csv'
+    rows.to_csv(f, index=False)
+    other = rest[rest.patient_id.isin(rows.patient_id) & ~rest.path.isin(rows.path)].head(1)
+    return f, other
+
+
+@pytest.fixture(scope='module')
 def seed_model(base_data, tmp_path_factory):
     from cxr_covid_nbdev.train import train_model
     return train_model(base_data, tmp_path_factory.mktemp('seed')/'model', arch='resnet18', size=48, epochs=2,
@@ -100,13 +113,14 @@ def wait_gone(pid: int, timeout: float = 30) -> bool:
     return False
 
 
-def test_good_inbox_is_promoted_and_served(tmp_path, registry, base_data, new_cases, monkeypatch):
+def test_good_inbox_is_promoted_and_served(tmp_path, registry, base_data, new_cases, external, monkeypatch):
+    external_data, ext_patient_case = external
     bad_rows = [dict(path=Path(new_cases.path[0]).name, label='Normal', patient_id='p', validated_by='', validated_at=''),
                 dict(path='images/missing.png', label='Normal', patient_id='q', validated_by='dr', validated_at='2024-06-01'),
                 dict(path='images/x.png', label='Tuberculosis', patient_id='r', validated_by='dr', validated_at='2024-06-01')]
-    inbox = make_inbox(tmp_path/'inbox', new_cases, extra=bad_rows)
+    inbox = make_inbox(tmp_path/'inbox', pd.concat([new_cases, ext_patient_case], ignore_index=True), extra=bad_rows)
     before = registry.production()
-    rep = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=1, bs=16,
+    rep = run_retrain(inbox, registry.root, base_data, external_data, runs_dir=tmp_path/'runs', epochs=1, bs=16,
                       f1_tolerance=1.0, recall_tolerance=1.0)
     assert rep['status'] == 'promoted', rep.get('decision')
     v = rep['candidate_version']
@@ -117,9 +131,12 @@ def test_good_inbox_is_promoted_and_served(tmp_path, registry, base_data, new_ca
     assert read_meta(registry.path(v))['init_from'] == str(registry.path(before))
     run_dir = Path(rep['out_dir'])
     assert (run_dir/'retrain.ipynb').is_file() and json.loads((run_dir/'run.json').read_text()) == rep
-    assert rep['inbox']['accepted'] == len(new_cases) and rep['inbox']['rejected'] == 3
+    assert rep['inbox']['accepted'] == len(new_cases) and rep['inbox']['rejected'] == 4
     reasons = ' | '.join(r['reason'] for r in rep['rejected'])
     assert 'not validated' in reasons and 'no such file' in reasons and 'Unknown label' in reasons
+    assert 'belongs to the external validation set' in reasons
+    assert {c['set'] for c in rep['gate']['checks']} == {'valid', 'external'}
+    assert rep['metrics']['candidate']['external']['n'] == len(pd.read_csv(external_data))
     assert sum(rep['data']['new']['train'].values()) > 0
     ref = pd.read_csv(base_data, keep_default_na=False, dtype=str)
     for who in ('candidate', 'production'):  # both on the same, fixed reference validation split
@@ -128,7 +145,7 @@ def test_good_inbox_is_promoted_and_served(tmp_path, registry, base_data, new_ca
     merged = pd.read_csv(run_dir/'training_manifest.csv', keep_default_na=False, dtype=str)
     assert merged[merged.origin == 'reference'].split.tolist() == ref.split.tolist()
     # the same inbox again: nothing new to learn from
-    rep2 = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=1, bs=16, f1_tolerance=1.0)
+    rep2 = run_retrain(inbox, registry.root, base_data, external_data, runs_dir=tmp_path/'runs', epochs=1, bs=16, f1_tolerance=1.0)
     assert rep2['status'] == 'skipped' and registry.production() == v
     # and rollback restores the previous production model
     registry.rollback('test')
@@ -189,3 +206,20 @@ def test_malformed_inbox_changes_nothing(tmp_path, registry, base_data, content,
     assert rc == 2 and 'manifest.csv' in err and ('lacks the column' in err or 'not a readable CSV' in err), err
     assert snapshot(registry.root) == before and not (tmp_path/'runs').exists()
     assert not (registry.root/'.retrain.lock').exists()
+
+
+def test_failed_run_leaves_registry_unchanged(tmp_path, registry, base_data, new_cases, capsys):
+    "A run that fails inside the notebook (here: reference data without a validation split) exits 1, changes nothing"
+    ref = pd.read_csv(base_data, keep_default_na=False, dtype=str)
+    no_valid = tmp_path/'no_valid.csv'; ref[ref.split == 'train'].to_csv(no_valid, index=False)
+    inbox = make_inbox(tmp_path/'inbox', new_cases.head(4))
+    before = snapshot(registry.root)
+    from cxr_covid_nbdev.cli import main
+    rc = main(['retrain', '--inbox', str(inbox), '--registry', str(registry.root), '--base-data', str(no_valid),
+               '--runs-dir', str(tmp_path/'runs')])
+    err = capsys.readouterr().err
+    assert rc == 1 and 'failed' in err and 'no validation split' in err, err
+    rep = json.loads(next((tmp_path/'runs').glob('*/run.json')).read_text())
+    assert rep['status'] == 'failed' and 'no validation split' in rep['error']
+    assert snapshot(registry.root) == before
+    assert (registry.root/'.retrain.lock').read_text() == ''  # released
