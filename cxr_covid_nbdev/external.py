@@ -31,14 +31,18 @@ def sample_per_class(df:pd.DataFrame, # manifest rows with `label`
 # %% ../nbs/05_external.ipynb #18b6b8c2
 def training_duplicates(paths:list, # the evaluation images
                         train_manifest, # what `data.read_dataset` reads (or its DataFrame), or `None`
-                       )->dict|None: # `count`, `images` (evaluation images with a twin) and `pairs`
+                       )->dict|None: # `count`, `images` (with a twin), `images_by_split` (the twin's split), `pairs`
     "Near-duplicate pairs between `paths` and the training images (`data.near_duplicates`)"
     if train_manifest is None: return None
     tdf = train_manifest if isinstance(train_manifest, pd.DataFrame) else read_dataset(train_manifest)
     pairs = near_duplicates(list(paths), tdf.path.tolist())
+    split = dict(zip(tdf.path, tdf['split'].fillna('').astype(str) if 'split' in tdf else [''] * len(tdf)))
+    pairs['split'] = [split[b] for b in pairs.b]
     return {'count': int(len(pairs)), 'images': int(pairs.a.nunique()) if len(pairs) else 0,
+            'images_by_split': {s: int(g.a.nunique()) for s, g in pairs.groupby('split')},
             'train_manifest': None if isinstance(train_manifest, pd.DataFrame) else str(train_manifest),
-            'pairs': [{'image': a, 'train_image': b, 'distance': int(d)} for a, b, d in zip(pairs.a, pairs.b, pairs.distance)]}
+            'pairs': [{'image': a, 'train_image': b, 'split': s, 'distance': int(d)}
+                      for a, b, s, d in zip(pairs.a, pairs.b, pairs.split, pairs.distance)]}
 
 # %% ../nbs/05_external.ipynb #d2ef7529
 def _model_info(model_dir:Path, meta:dict)->dict:
@@ -88,7 +92,8 @@ def format_report(r:dict)->str:
              + (f" ({len(d['unreadable'])} unreadable)" if d['unreadable'] else ''), '', format_metrics(r)]
     dup = r['duplicates_with_training']
     if dup is None: lines.append("Near-duplicates of the training data: not checked (no --train-manifest)")
-    else: lines.append(f"Near-duplicates of the training data: {dup['images']} of {r['n']} images ({dup['count']} pairs)")
+    else: lines.append(f"Near-duplicates of the training data: {dup['images']} of {r['n']} images ({dup['count']} pairs"
+                       + ''.join(f"; {n} with a twin in {s or 'unsplit'} rows" for s, n in dup['images_by_split'].items()) + ')')
     return '\n'.join(lines)
 
 def _run_evaluate(args):

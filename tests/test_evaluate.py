@@ -75,13 +75,18 @@ def test_end_to_end(pipeline):
     train_paths = set(read_dataset(tmp/'prep').path)
     assert all(d['train_image'] in train_paths and d['image'] in set(p['path'] for p in rep['predictions']) for d in dup['pairs'])
     assert dup['count'] == len(dup['pairs'])
+    assert set(dup['images_by_split']) <= {'train', 'valid'} and sum(dup['images_by_split'].values()) >= dup['images']
 
 
 def test_evaluating_on_training_images_finds_them(pipeline):
     "Every training image evaluated against its own prepared copy is reported as a near-duplicate"
     tmp, _ = pipeline
     rep = evaluate_model(tmp/'model', tmp/'train.csv', per_class=2, seed=0, train_manifest=tmp/'prep', n_boot=50)
-    assert rep['duplicates_with_training']['images'] == rep['n'] == 8
+    dup = rep['duplicates_with_training']
+    assert dup['images'] == rep['n'] == 8
+    prep = read_dataset(tmp/'prep')
+    split_of = dict(zip(prep.path, prep.split))
+    assert all(d['split'] == split_of[d['train_image']] for d in dup['pairs'])
 
 
 def test_unreadable_images_are_reported_not_scored(pipeline, tmp_path):
