@@ -101,6 +101,7 @@ def model_card_markdown(meta:dict, # the model's meta.json
     p = run.get('parameters', {})
     sc = metrics.get('shortcut', {})
     cis = confusion_cis(metrics)
+    ood = meta.get('ood') or {}
     bad = [h for h in metrics.get('history', []) if any(isinstance(v, float) and not np.isfinite(v) for v in h.values())]
     bad_epochs = ', '.join(f"{h.get('stage', '')} epoch {h.get('epoch')}".strip() for h in bad)
     imagenet = 'yes (torchvision ImageNet weights)' if meta.get('imagenet_pretrained') else \
@@ -125,8 +126,11 @@ def model_card_markdown(meta:dict, # the model's meta.json
         f"- contrast augmentation {(r.get('contrast') or {}).get('lo')}–{(r.get('contrast') or {}).get('hi')} (p={(r.get('contrast') or {}).get('p')}); "
         f"classes balanced to {r.get('balance')} training images",
         f"- trained on: {run.get('device', 'unknown')} in {run.get('train_seconds', '–')} s; seed {meta.get('seed')}",
-        f"- calibration: temperature {meta.get('temperature', 1.0):.3f} (fitted on the validation split); "
-        f"abstention: energy score above {(meta.get('ood') or {}).get('threshold', float('nan')):.3f}",
+        f"- calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split, so the calibration "
+        "error below, measured on the same split, is optimistic",
+        f"- abstention: the trained Not Certain class, or an energy score above {ood.get('threshold', float('nan')):.3f} "
+        f"(the {ood.get('percentile', 95):g}th percentile of the validation images that are not Not Certain); the energy rule "
+        f"alone flags {_fmt(ood.get('not_certain_flagged'), True)} of the Not Certain validation images, so the trained class does most of the rejecting",
         f"- differences from the paper's recipe: {'' if meta.get('imagenet_pretrained') else 'no ImageNet weights (random initialisation); '}"
         f"{p.get('reduced') or 'nothing else'}",
         *([f"- the validation loss was not finite after {len(bad)} epoch(s) ({bad_epochs}: a mixed-precision "
