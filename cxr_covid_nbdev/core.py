@@ -230,7 +230,7 @@ def save_model_dir(model, # a `torch.nn.Module` (e.g. `learn.model`)
                    meta:dict, # metadata; `format`, `dtype`, `sha256` and `created_utc` are filled in
                    out:Path|str, # the model folder to create
                    metrics:dict|None=None, # written to `metrics.json`
-                   extra_files:dict|None=None, # more files: name -> text
+                   extra_files:dict|None=None, # more files: name -> text, or a function of the final meta returning text
                    dtype:str='float32', # 'float16' halves the file
                    overwrite:bool=False)->Path:
     "Write `model.safetensors`, `meta.json` (and `metrics.json`) into `out`, atomically"
@@ -248,7 +248,7 @@ def save_model_dir(model, # a `torch.nn.Module` (e.g. `learn.model`)
                 'created_utc': meta.get('created_utc') or utc_timestamp()}
         atomic_write_json(tmp/'meta.json', meta)
         if metrics is not None: atomic_write_json(tmp/'metrics.json', metrics)
-        for name, text in (extra_files or {}).items(): atomic_write_text(tmp/name, text)
+        for name, text in (extra_files or {}).items(): atomic_write_text(tmp/name, text(meta) if callable(text) else text)
     return out
 
 def read_meta(model_dir:Path|str)->dict:

@@ -10,7 +10,7 @@ __all__ = ['CONTRAST', 'read_training_data', 'with_split', 'RadiographLoader', '
            'manifest_sha1', 'train_model', 'add_commands']
 
 # %% ../nbs/03_train.ipynb #905e18b0
-import argparse, os, tempfile
+import argparse, os, tempfile, time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from .core import *
 # %% ../nbs/03_train.ipynb #93728e8e
 from .data import read_dataset, read_radiograph, split_groups, assign_split
 from . import augment
+from .model_card import model_card_markdown
 
 def read_training_data(data # a path `data.read_dataset` reads, or its DataFrame
                       )->pd.DataFrame:
@@ -172,18 +173,6 @@ def _history(learn, stage):
     return [{'stage': stage, 'epoch': i, **{n: (None if v is None else float(v)) for n, v in zip(names, vals)}}
             for i, vals in enumerate(learn.recorder.values)]
 
-def _model_card(meta, metrics):
-    v = metrics['validation']
-    lines = [f"# Model card: {meta['arch']} at {meta['size']} px", '',
-             f"Trained {meta['created_utc'] if meta.get('created_utc') else ''} on {meta['n_train']} images "
-             f"({meta['n_valid']} for validation), manifest sha1 `{meta['manifest_sha1']}`, seed {meta['seed']}.",
-             f"ImageNet pretrained: {meta['imagenet_pretrained']} ({meta['weights_source']}).",
-             f"Validation: accuracy {v['accuracy']:.3f}, macro F1 {v['macro_f1']:.3f}, ECE {v['ece']:.3f} "
-             f"after temperature scaling (T = {meta['temperature']:.3f}).", '',
-             "Research use only; not a medical device. The training data mixes sources, ages and hospitals "
-             "by class, so the model may rely on those shortcuts."]
-    return '\n'.join(lines) + '\n'
-
 def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 out:Path|str, # the model folder to create (must not exist)
                 arch:str='resnet50', # torchvision architecture name
@@ -207,7 +196,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     import torch
     from fastai.vision.all import vision_learner, accuracy, noop
     import torchvision.models as tvm
-    out = Path(out)
+    t0, out = time.time(), Path(out)
     if out.exists(): raise FileExistsError(f"{out} already exists: choose a new --out (models are never overwritten)")
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
     if epochs < 0 or freeze_epochs < 0: raise ValueError("epochs and freeze_epochs must be >= 0")
@@ -260,7 +249,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     temperature = fit_temperature(logits, y)
     va = df[df.split == 'valid']
     from cxr_covid_nbdev.metrics import compute_metrics, expected_calibration_error
-    metrics = {'validation': compute_metrics(y, softmax_t(logits, temperature)),
+    metrics = {**compute_metrics(y, softmax_t(logits, temperature)), 'split': 'valid',
                'ece_before_temperature': expected_calibration_error(y, softmax_t(logits)),
                'history': history}
     meta = {'arch': arch, 'labels': list(LABELS), 'size': int(size), 'prepare_size': prepare_size,
@@ -275,8 +264,10 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                        'mixed_precision': device.type == 'cuda'},
             'manifest_sha1': manifest_sha1(df), 'n_train': int((df.split == 'train').sum()), 'n_valid': int(len(va)),
             'versions': library_versions(), 'created_utc': utc_timestamp()}
+    run = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)',
+           'train_seconds': round(time.time() - t0, 1)}
     return save_model_dir(model, meta, out, metrics=metrics, dtype=dtype,
-                          extra_files={'model_card.md': _model_card(meta, metrics)})
+                          extra_files={'model_card.md': lambda m: model_card_markdown(m, metrics, df, run)})
 
 # %% ../nbs/03_train.ipynb #20aeea4c
 def _run_train(args):
@@ -285,7 +276,7 @@ def _run_train(args):
                       freeze_epochs=args.freeze_epochs, bs=args.bs, pretrained=pretrained, weights=args.weights,
                       balance=args.balance, seed=args.seed, init_from=args.init_from, num_workers=args.workers,
                       device=args.device, progress=not args.quiet, dtype=args.dtype)
-    meta, m = read_meta(out), json.loads((out/'metrics.json').read_text())['validation']
+    meta, m = read_meta(out), json.loads((out/'metrics.json').read_text())
     print(f"Saved {out}: {meta['arch']} at {meta['size']} px, validation accuracy {m['accuracy']:.3f}, "
           f"macro F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f} (temperature {meta['temperature']:.2f})")
 
