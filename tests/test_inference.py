@@ -240,3 +240,15 @@ def test_dashboard_command(untrained_dir):
     assert Path(argv[3]) == inference.dashboard_notebook() and argv[3].endswith('dashboards/cxr_dashboard.ipynb')
     assert env['CXR_COVID_MODEL'] == str(untrained_dir.resolve())
     assert {'--no-browser', '--port=8123', '--Voila.ip=127.0.0.1', '--strip_sources=True', '--show_tracebacks=False'} <= set(argv)
+
+
+def test_auto_backend_falls_back_to_torch(untrained_dir, tmp_path, monkeypatch, cxr_real):
+    "When the ONNX export cannot be cached, 'auto' warns and uses torch; an explicit 'onnx' fails"
+    (tmp_path/'not-a-folder').write_text('x')
+    monkeypatch.setenv('CXR_COVID_CACHE', str(tmp_path/'not-a-folder'))
+    with pytest.warns(UserWarning, match='using torch'): pr = Predictor(untrained_dir)
+    assert pr.backend == 'torch'
+    files, _ = _files(cxr_real, 1)
+    assert pr.predict(files[0]).label in LABELS
+    with pytest.raises(OSError): Predictor(untrained_dir, backend='onnx')
+    with pytest.raises(ValueError, match='backend'): Predictor(untrained_dir, backend='tensorrt')
