@@ -29,20 +29,23 @@ def corpus(cxr_train):
 
 @pytest.fixture(scope='module')
 def base_data(corpus, tmp_path_factory):
-    "Reference data: 12 training and 8 validation images per class of cxr-train, by its patient split"
+    "Reference data: 24 training and 12 validation images per class of cxr-train, by its patient split"
     rows = pd.concat([corpus[(corpus.label == l) & (corpus.split == s)].head(n)
-                      for l in LABELS for s, n in (('train', 12), ('valid', 8))])
+                      for l in LABELS for s, n in (('train', 24), ('valid', 12))])
     f = tmp_path_factory.mktemp('base')/'manifest.csv'
     rows.to_csv(f, index=False)
     return f
 
 
-@pytest.fixture(scope='module')
-def new_cases(corpus, base_data):
-    "10 images per class of cxr-train patients that are not in the reference data"
+def unseen(corpus, base_data, n):
+    "`n` images per class of cxr-train patients that are not in the reference data"
     base = pd.read_csv(base_data, keep_default_na=False, dtype=str)
     rest = corpus[~corpus.patient_id.isin(base.patient_id)]
-    return pd.concat([rest[rest.label == l].head(10) for l in LABELS]).reset_index(drop=True)
+    return pd.concat([rest[rest.label == l].head(n) for l in LABELS]).reset_index(drop=True)
+
+
+@pytest.fixture(scope='module')
+def new_cases(corpus, base_data): return unseen(corpus, base_data, 10)
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +64,8 @@ def external(corpus, base_data, new_cases, tmp_path_factory):
 @pytest.fixture(scope='module')
 def seed_model(base_data, tmp_path_factory):
     from cxr_covid_nbdev.train import train_model
-    return train_model(base_data, tmp_path_factory.mktemp('seed')/'model', arch='resnet18', size=48, epochs=2,
+    "The production model the runs start from: good enough (macro-F1 well above chance) that flipped labels hurt it"
+    return train_model(base_data, tmp_path_factory.mktemp('seed')/'model', arch='resnet18', size=64, epochs=6,
                        freeze_epochs=0, bs=16, pretrained=False, seed=0, progress=False)
 
 
@@ -152,12 +156,15 @@ def test_good_inbox_is_promoted_and_served(tmp_path, registry, base_data, new_ca
     assert registry.production() == before and resolve_model_dir() == registry.path(before)
 
 
-def test_label_flipped_inbox_is_rejected(tmp_path, registry, base_data, new_cases):
-    inbox = make_inbox(tmp_path/'inbox', new_cases, flip=True)
+def test_label_flipped_inbox_is_rejected(tmp_path, registry, base_data, corpus):
+    "30 new cases per class, every label rotated (COVID-19 <-> Normal, Pneumonia <-> Not Certain)"
+    inbox = make_inbox(tmp_path/'inbox', unseen(corpus, base_data, 30), flip=True)
     before = snapshot(registry.root)
-    rep = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=2, bs=16)
+    rep = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=3, bs=16)
     assert rep['status'] == 'rejected', rep['gate']
     assert not rep['decision']['promote'] and 'worse than production' in rep['decision']['reason']
+    failed = {c['metric'] for c in rep['gate']['checks'] if not c['ok']}
+    assert failed == {'macro_f1', 'covid_recall'}, rep['gate']['checks']  # flipped labels hurt both, by a wide margin
     assert snapshot(registry.root) == before  # production unchanged, byte for byte
     assert Path(rep['candidate']['path']).is_dir()  # the candidate stays in the run folder only
 
