@@ -10,6 +10,10 @@ interleaved image by image because ONNX Runtime's and OpenMP's spin-waiting thre
 * the floor: ONNX Runtime's raw forward of the same network exported with `torch.onnx`
   (preprocessed tensor in, logits out), and eager torch's raw forward for reference.
 
+fastai and eager torch are timed with torch's default thread count and again with one thread: on a small,
+shared VM, OpenMP's threads can wait on each other so badly that one thread is several times faster, and
+that would flatter the ONNX backend.
+
 Settings: resnet50 at 350 px (the paper's) and the tiny test setting, resnet18 at 64 px. Untrained weights:
 timing does not depend on them. Usage: `python benchmarks/bench_predict.py [--images N] [--rounds R]
 [--folder-images K] [--settings resnet50:350,resnet18:64]`. Not a test: numbers depend on the machine.
@@ -62,7 +66,9 @@ def bench_latency(arch:str, size:int, files:list, rounds:int, tmp:Path)->dict:
     def torch_fwd(i):
         with torch.inference_mode(): return tch.model(torch.from_numpy(xs[i])).numpy()
     methods = {'predictor_onnx': lambda i: onnx.predict(files[i]), 'predictor_torch': lambda i: tch.predict(files[i]),
-               'fastai_learn_predict': fastai_predict, 'ort_raw_forward': floor, 'torch_raw_forward': torch_fwd}
+               'fastai_learn_predict': fastai_predict, 'ort_raw_forward': floor, 'torch_raw_forward': torch_fwd,
+               'fastai_learn_predict_1thread': fastai_predict, 'torch_raw_forward_1thread': torch_fwd}
+    threads = {k: (1 if k.endswith('_1thread') else torch.get_num_threads()) for k in methods}
     # agreement, and warm-up
     for i in range(len(files)):
         p_onnx = np.array(list(onnx.predict(files[i]).probs.values()))
@@ -71,6 +77,7 @@ def bench_latency(arch:str, size:int, files:list, rounds:int, tmp:Path)->dict:
     times = {k: [] for k in methods}
     for _ in range(rounds):  # method by method within a round: ONNX Runtime's and OpenMP's spinning threads would slow whatever runs next
         for k, f in methods.items():
+            torch.set_num_threads(threads[k])
             for i in range(len(files)):
                 t = time.perf_counter(); f(i); times[k].append(time.perf_counter() - t)
     res = {k: {'median_ms': 1e3*statistics.median(v), 'mean_ms': 1e3*statistics.fmean(v)} for k, v in times.items()}
@@ -78,7 +85,9 @@ def bench_latency(arch:str, size:int, files:list, rounds:int, tmp:Path)->dict:
     res['ratios'] = {'fastai_predict / predictor_onnx (target >= 3)': med['fastai_learn_predict']/med['predictor_onnx'],
                      'predictor_onnx / ort_raw_forward (target <= 1.3)': med['predictor_onnx']/med['ort_raw_forward'],
                      'predictor_torch / predictor_onnx': med['predictor_torch']/med['predictor_onnx'],
-                     'fastai_predict / predictor_torch': med['fastai_learn_predict']/med['predictor_torch']}
+                     'fastai_predict / predictor_torch': med['fastai_learn_predict']/med['predictor_torch'],
+                     'fastai_predict (1 torch thread) / predictor_onnx': med['fastai_learn_predict_1thread']/med['predictor_onnx']}
+    torch.set_num_threads(threads['predictor_torch'])
     res['predictor_first_load_s (incl. ONNX export)'] = t_load
     res['model_dir'] = str(mdir)
     return res
@@ -122,8 +131,9 @@ def main():
         arch, size = setting.split(':')
         print(f"\n== {arch} at {size} px: batch-1 latency over {args.images} real images x {args.rounds} rounds", flush=True)
         r = bench_latency(arch, int(size), files, args.rounds, tmp)
-        for k in ('predictor_onnx', 'predictor_torch', 'fastai_learn_predict', 'ort_raw_forward', 'torch_raw_forward'):
-            print(f"  {k:<22} median {r[k]['median_ms']:8.1f} ms   mean {r[k]['mean_ms']:8.1f} ms")
+        for k in ('predictor_onnx', 'predictor_torch', 'fastai_learn_predict', 'ort_raw_forward', 'torch_raw_forward',
+                  'fastai_learn_predict_1thread', 'torch_raw_forward_1thread'):
+            print(f"  {k:<28} median {r[k]['median_ms']:8.1f} ms   mean {r[k]['mean_ms']:8.1f} ms")
         for k, v in r['ratios'].items(): print(f"  {k:<50} {v:6.2f}")
         for workers in (0, 1):
             c = bench_cli(Path(r['model_dir']), real_images(args.folder_images), workers, tmp)
