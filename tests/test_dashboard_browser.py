@@ -78,6 +78,8 @@ def _check_result(card, name):
 
 
 def _fit_viewport(page):
+    "Make the window as tall as the dashboard, scrolled to the top, so that a screenshot shows all of it"
+    page.evaluate("for (const e of [document.scrollingElement, document.querySelector('#rendered_cells')]) if (e) e.scrollTop = 0")
     h = page.evaluate("document.querySelector('.cxr-app').getBoundingClientRect().bottom")
     page.set_viewport_size({'width': 1280, 'height': int(h) + 120})
 
@@ -102,6 +104,7 @@ def test_dashboard_uploads(dashboard, tiny_model_dir, cxr_real, dicom_file, arti
             if (tiny_model_dir/'model_card.md').is_file():
                 first_line = next(l for l in (tiny_model_dir/'model_card.md').read_text().splitlines() if l.strip()).lstrip('# ').strip()
                 page.wait_for_function('t => document.querySelector(".cxr-model-card").innerText.includes(t)', arg=first_line[:40], timeout=30_000)
+            page.click('.cxr-model-card .jupyter-widget-Collapse-header')  # fold it again
 
             # 1. a real chest radiograph
             cards = _upload(page, [cxr], 1)
@@ -125,6 +128,7 @@ def test_dashboard_uploads(dashboard, tiny_model_dir, cxr_real, dicom_file, arti
             assert 'Could not read this file' in msg and 'corrupt.png' in msg
             assert 'could not be used' in page.locator('.cxr-status').inner_text()
             assert 'Traceback' not in page.inner_text('body')
+            _fit_viewport(page)
             page.screenshot(path=str(artifacts/'dashboard-error.png'), full_page=True)
 
             # 4. the next upload works
