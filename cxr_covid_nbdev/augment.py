@@ -11,7 +11,6 @@ __all__ = ['UniformDraw', 'paper_contrast', 'balance']
 import numpy as np
 import pandas as pd
 import torch
-from fastai.vision.augment import Contrast
 from .core import *
 
 # %% ../nbs/02_augment.ipynb #abbb0da1
@@ -24,8 +23,9 @@ class UniformDraw:
 def paper_contrast(lo:float=0.5, # smallest contrast scale
                    hi:float=1.9, # largest contrast scale
                    p:float=0.5, # probability that an image is changed
-                  )->Contrast: # a fastai batch transform
+                  ): # a fastai `Contrast` batch transform
     "The paper's contrast augmentation: scale ~ U(lo, hi) with probability p, for `batch_tfms`"
+    from fastai.vision.augment import Contrast  # imported here: `cxr-covid` starts without loading fastai
     if not 0 < lo <= hi: raise ValueError(f"need 0 < lo <= hi, got lo={lo}, hi={hi}")
     if not 0 <= p <= 1: raise ValueError(f"p must be in [0, 1], got {p}")
     return Contrast(p=p, draw=UniformDraw(lo, hi))

@@ -12,7 +12,6 @@ __all__ = ['rate_ci', 'covid_false_positive_rate', 'shortcut_checks', 'confusion
 import json
 from pathlib import Path
 import numpy as np, pandas as pd
-from scipy.stats import binomtest
 from .core import *
 from .metrics import compute_metrics, metrics_table
 
@@ -20,6 +19,7 @@ from .metrics import compute_metrics, metrics_table
 def rate_ci(k:int, n:int)->dict:
     "`k/n` with its Wilson 95% confidence interval (`None` when `n` is 0)"
     if n == 0: return {'value': None, 'ci95': None, 'k': 0, 'n': 0}
+    from scipy.stats import binomtest
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method='wilson')
     return {'value': k / n, 'ci95': [float(ci.low), float(ci.high)], 'k': int(k), 'n': int(n)}
 
