@@ -8,14 +8,14 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/registry.html.md"""
 __all__ = ['VERSION_RE', 'VERSION_FILES', 'version_name', 'verify_model_dir', 'RegistryError', 'Registry', 'registry_command',
            'add_commands']
 
-# %% ../nbs/07_registry.ipynb #65970ba6
+# %% ../nbs/07_registry.ipynb #17c6d2a8
 import argparse, fcntl, json, os, re, shutil, stat
 from fastcore.basics import patch
 from contextlib import contextmanager
 from pathlib import Path
 from .core import *
 
-# %% ../nbs/07_registry.ipynb #2cbbd4c3
+# %% ../nbs/07_registry.ipynb #136880f6
 VERSION_RE = re.compile(r'^v(\d{4,})-(\d{8}T\d{6}Z)-([0-9a-f]{8})$')
 VERSION_FILES = ('model.safetensors', 'meta.json', 'metrics.json', 'model_card.md')
 
@@ -25,7 +25,7 @@ def version_name(number:int, # 1, 2, ...: the order of addition
     "A sortable, unique version name `v0001-<UTC>-<sha256[:8]>`"
     return f"v{number:04d}-{utc or utc_timestamp()}-{sha256[:8]}"
 
-# %% ../nbs/07_registry.ipynb #6f4371a8
+# %% ../nbs/07_registry.ipynb #1009b2bd
 def verify_model_dir(model_dir:Path|str)->str:
     "The sha256 of `model_dir`'s weights, after checking it against `meta.json`; `ValueError` otherwise"
     model_dir = Path(model_dir)
@@ -36,7 +36,7 @@ def verify_model_dir(model_dir:Path|str)->str:
         raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in its meta.json: damaged or replaced")
     return digest
 
-# %% ../nbs/07_registry.ipynb #9d80d35e
+# %% ../nbs/07_registry.ipynb #1e3a7d4d
 class RegistryError(ValueError):
     "A registry operation that cannot be done (unknown version, nothing to roll back to...)"
 
@@ -77,7 +77,7 @@ class Registry:
         d = production_model_dir(self.root)
         return d.name if d is not None else None
 
-# %% ../nbs/07_registry.ipynb #7eb2e819
+# %% ../nbs/07_registry.ipynb #d8f7d056
 def _model_card(version:str, meta:dict, metrics:dict, note:str)->str:
     lines = [f"# Model {version}", "", note or "", "",
              f"- architecture: {meta.get('arch')}, input {meta.get('size')} px, labels: {', '.join(meta.get('labels', []))}",
@@ -114,7 +114,7 @@ def add(self:Registry,
             for f in tmp.iterdir(): f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     return version
 
-# %% ../nbs/07_registry.ipynb #6785166b
+# %% ../nbs/07_registry.ipynb #7275924b
 @patch
 def history(self:Registry)->list:
     "The promotion history, oldest first (a torn last line from a crash is skipped)"
@@ -170,7 +170,7 @@ def rollback(self:Registry, reason:str='')->dict:
         verify_model_dir(self.path(target))
         return self._set_production('rollback', target, reason or f'rollback of {current}')
 
-# %% ../nbs/07_registry.ipynb #d72a550f
+# %% ../nbs/07_registry.ipynb #db81595b
 def _summary(metrics:dict)->dict:
     "The headline numbers of a metrics dict, wherever they sit (top level, `valid`, `external`)"
     res = {}
@@ -215,7 +215,7 @@ def ensure_seeded(self:Registry,
     with self._locked(): self._set_production('seed', v, 'seeded with the shipped default model')
     return v
 
-# %% ../nbs/07_registry.ipynb #c758cfda
+# %% ../nbs/07_registry.ipynb #7502db12
 @patch
 def clean_partial(self:Registry)->list:
     "Remove folders left by an interrupted `add`; their names"
@@ -228,7 +228,7 @@ def clean_partial(self:Registry)->list:
             shutil.rmtree(p)
     return [p.name for p in gone]
 
-# %% ../nbs/07_registry.ipynb #3b1e7247
+# %% ../nbs/07_registry.ipynb #f0fe2b4b
 def _print_table(rows:list):
     if not rows: print('(no versions)'); return
     cols = ['version', 'production', 'arch', 'size', 'macro_f1', 'valid_macro_f1', 'external_macro_f1']
@@ -261,7 +261,7 @@ def add_commands(subparsers:argparse._SubParsersAction):
                               description='The model registry: immutable versions and the production pointer the dashboard and `predict` use.')
     sub = p.add_subparsers(dest='action', metavar='ACTION'); sub.required = True
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--registry', type=Path, default=None,
+    common.add_argument('--registry', type=Path, default=None, metavar='DIR',
                         help='registry folder (default: $CXR_COVID_REGISTRY or ~/.cxr-covid/registry)')
     sub.add_parser('list', parents=[common], help='list the versions; * marks production')
     s = sub.add_parser('show', parents=[common], help="a version's metadata, metrics and history as JSON")

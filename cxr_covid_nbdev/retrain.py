@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/retrain.html.md"""
 __all__ = ['INBOX_COLUMNS', 'COVID', 'LockHeld', 'RetrainLock', 'InboxError', 'read_inbox_manifest', 'check_inbox', 'merge_inbox',
            'promotion_gate', 'RetrainRun', 'template_notebook', 'default_runs_dir', 'run_retrain', 'add_commands']
 
-# %% ../nbs/08_retrain.ipynb #e70fb07e
+# %% ../nbs/08_retrain.ipynb #9870f168
 import argparse, errno, fcntl, hashlib, json, os, shutil, socket, sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +18,7 @@ from .core import *
 from .cli import UsageError
 from .registry import Registry, verify_model_dir
 
-# %% ../nbs/08_retrain.ipynb #972778aa
+# %% ../nbs/08_retrain.ipynb #30c1f881
 class LockHeld(UsageError):
     "Another retraining run holds the lock"
 
@@ -58,7 +58,7 @@ class RetrainLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
-# %% ../nbs/08_retrain.ipynb #bab77aa3
+# %% ../nbs/08_retrain.ipynb #49e537ae
 INBOX_COLUMNS = ('path', 'label', 'patient_id', 'validated_by', 'validated_at')
 
 class InboxError(UsageError):
@@ -78,7 +78,7 @@ def read_inbox_manifest(inbox:Path|str)->pd.DataFrame: # the folder with manifes
     if missing: raise InboxError(f"{f} lacks the column(s) {', '.join(missing)}: it needs {', '.join(INBOX_COLUMNS)}")
     return df.apply(lambda c: c.str.strip())
 
-# %% ../nbs/08_retrain.ipynb #120e8e6a
+# %% ../nbs/08_retrain.ipynb #8d19bcae
 from .data import read_radiograph, UnreadableImage, read_dataset
 
 def _reject(row:dict, reason:str)->dict: return {'path': row.get('path', ''), 'label': row.get('label', ''),
@@ -110,7 +110,7 @@ def check_inbox(inbox:Path|str, # folder with manifest.csv and the images
     cols = list(MANIFEST_COLUMNS) + ['validated_by', 'validated_at']
     return pd.DataFrame(rows, columns=cols), rejected
 
-# %% ../nbs/08_retrain.ipynb #6d676fee
+# %% ../nbs/08_retrain.ipynb #26c15888
 from .data import near_duplicates, hash_pairs, image_hash, split_groups, assign_split, DUP_DISTANCE
 
 def _hashes(df:pd.DataFrame)->list:
@@ -158,7 +158,7 @@ def merge_inbox(base:pd.DataFrame, # reference data (`data.read_dataset`), with 
     if moved: raise AssertionError(f"{moved} reference images changed split; this is a bug")
     return merged, rejected
 
-# %% ../nbs/08_retrain.ipynb #ae92171c
+# %% ../nbs/08_retrain.ipynb #c34b340c
 COVID = 'COVID-19'
 
 def _covid_recall(m:dict)->float|None:
@@ -186,7 +186,7 @@ def promotion_gate(candidate:dict, # {set name: metrics} of the candidate (`exte
               if not failed else 'candidate worse than production: ' + '; '.join(fmt(k) for k in failed))
     return {'promote': not failed, 'reason': reason, 'checks': checks}
 
-# %% ../nbs/08_retrain.ipynb #90d44216
+# %% ../nbs/08_retrain.ipynb #c6e0d0f9
 class RetrainRun:
     "The state and report of one retraining run"
     def __init__(self, registry:Path|str|None, # registry folder; `core.default_registry_dir()` if `None`
@@ -215,7 +215,7 @@ class RetrainRun:
         "Record the step the run has reached in `status.json`"
         atomic_write_json(self.out/'status.json', {'step': step, 'pid': os.getpid(), 'utc': utc_timestamp()})
 
-# %% ../nbs/08_retrain.ipynb #51273269
+# %% ../nbs/08_retrain.ipynb #9ef37dca
 def _counts(df:pd.DataFrame)->dict:
     return {sp: df[df.split == sp].label.value_counts().reindex(LABELS, fill_value=0).to_dict() for sp in sorted(set(df.split))}
 
@@ -261,7 +261,7 @@ def active(self:RetrainRun)->bool:
     "Is there still something to do?"
     return self.report['status'] == 'running'
 
-# %% ../nbs/08_retrain.ipynb #929bac1c
+# %% ../nbs/08_retrain.ipynb #fe5012a7
 @patch
 def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None, bs:int=32, seed:int=42,
           progress:bool=False)->Path:
@@ -275,7 +275,7 @@ def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None
     self.report['candidate'] = {'path': str(self.candidate), 'sha256': read_meta(self.candidate)['sha256'], 'size': size}
     return self.candidate
 
-# %% ../nbs/08_retrain.ipynb #a0a0df45
+# %% ../nbs/08_retrain.ipynb #c7847588
 @patch
 def evaluate(self:RetrainRun, seed:int=42)->dict:
     "Metrics of the candidate and of production on the same sets"
@@ -320,7 +320,7 @@ def finish(self:RetrainRun)->dict:
     self.status('done')
     return self.report
 
-# %% ../nbs/08_retrain.ipynb #01b16efb
+# %% ../nbs/08_retrain.ipynb #e500f7a5
 def template_notebook()->Path:
     "The papermill notebook `papermill_runs/retrain.ipynb` of the checkout"
     import cxr_covid_nbdev
@@ -377,7 +377,7 @@ def run_retrain(inbox:Path|str, # folder with manifest.csv and images of validat
             raise RuntimeError(f"Retraining run {out} failed ({err}); the registry is unchanged unless run.json says otherwise") from None
     return json.loads((out/'run.json').read_text())
 
-# %% ../nbs/08_retrain.ipynb #3afc366d
+# %% ../nbs/08_retrain.ipynb #1dbde718
 def _run_cli(args):
     try:
         rep = run_retrain(args.inbox, args.registry, args.base_data, args.external_data, args.runs_dir,
@@ -397,18 +397,18 @@ def add_commands(subparsers:argparse._SubParsersAction):
     p = subparsers.add_parser('retrain', help='fine-tune production on newly validated cases; promote only if not worse',
                               description='One scheduled retraining run, executed with papermill under a lock: check and '
                                           'merge the inbox, fine-tune the production model, evaluate both, promote or reject.')
-    p.add_argument('--inbox', required=True, type=Path, help='folder with manifest.csv (path,label,patient_id,validated_by,validated_at) and images')
-    p.add_argument('--registry', type=Path, default=None, help='registry folder (default: $CXR_COVID_REGISTRY or ~/.cxr-covid/registry)')
-    p.add_argument('--base-data', type=Path, default=None, help='reference data with a train/valid split (default: the shared cxr-train)')
-    p.add_argument('--external-data', type=Path, default=None, help='external validation set, also gated on')
-    p.add_argument('--runs-dir', type=Path, default=None, help='where run folders go (default: papermill_runs/runs)')
-    p.add_argument('--epochs', type=int, default=1, help='unfrozen fine-tuning epochs (default: %(default)s)')
-    p.add_argument('--freeze-epochs', type=int, default=0, help='frozen epochs first (default: %(default)s)')
-    p.add_argument('--size', type=int, default=None, help="input size (default: the production model's)")
-    p.add_argument('--bs', type=int, default=32, help='batch size (default: %(default)s)')
-    p.add_argument('--f1-tolerance', type=float, default=0.0, help='how much lower macro-F1 may be (default: %(default)s)')
-    p.add_argument('--recall-tolerance', type=float, default=0.0, help='how much lower COVID-19 recall may be (default: %(default)s)')
-    p.add_argument('--valid-pct', type=float, default=0.2, help='share of new patients kept for validation (default: %(default)s)')
-    p.add_argument('--seed', type=int, default=42, help='seed of the split and the training (default: %(default)s)')
+    p.add_argument('--inbox', required=True, type=Path, metavar='DIR', help='folder with manifest.csv (path,label,patient_id,validated_by,validated_at) and images')
+    p.add_argument('--registry', type=Path, default=None, metavar='DIR', help='registry folder (default: $CXR_COVID_REGISTRY or ~/.cxr-covid/registry)')
+    p.add_argument('--base-data', type=Path, default=None, metavar='DIR', help='reference data with a train/valid split (default: the shared cxr-train)')
+    p.add_argument('--external-data', type=Path, default=None, metavar='DIR', help='external validation set, also gated on')
+    p.add_argument('--runs-dir', type=Path, default=None, metavar='DIR', help='where run folders go (default: papermill_runs/runs)')
+    p.add_argument('--epochs', type=int, default=1, metavar='N', help='unfrozen fine-tuning epochs (default: %(default)s)')
+    p.add_argument('--freeze-epochs', type=int, default=0, metavar='N', help='frozen epochs first (default: %(default)s)')
+    p.add_argument('--size', type=int, default=None, metavar='PX', help="input size (default: the production model's)")
+    p.add_argument('--bs', type=int, default=32, metavar='N', help='batch size (default: %(default)s)')
+    p.add_argument('--f1-tolerance', type=float, default=0.0, metavar='X', help='how much lower macro-F1 may be (default: %(default)s)')
+    p.add_argument('--recall-tolerance', type=float, default=0.0, metavar='X', help='how much lower COVID-19 recall may be (default: %(default)s)')
+    p.add_argument('--valid-pct', type=float, default=0.2, metavar='X', help='share of new patients kept for validation (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=42, metavar='N', help='seed of the split and the training (default: %(default)s)')
     p.add_argument('--dry-run', action='store_true', help='do everything but change the registry')
     p.set_defaults(run=_run_cli)
