@@ -148,6 +148,7 @@ def model_card_markdown(meta:dict, # the model's meta.json
               'Recall per class (support) within each age group; macro F1 over the classes present in the group.', '',
               '| subset | n | accuracy (95% CI) | macro F1 | ' + ' | '.join(f'{l} recall' for l in labels) + ' |',
               '|---|---|---|---|' + '---|' * len(labels)]
+    if not sc.get('subsets'): lines.append('| not computed: the training data has no `age_group` column | | | |' + ' |' * len(labels))
     for g, sm in sc.get('subsets', {}).items():
         sci = confusion_cis(sm)
         rec = [f"{_fmt(sm['per_class'][l]['recall'])} ({sm['per_class'][l]['support']})" if sm['per_class'][l]['support'] else '–' for l in labels]

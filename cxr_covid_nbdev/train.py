@@ -21,7 +21,7 @@ from .core import *
 # %% ../nbs/03_train.ipynb #93728e8e
 from .data import read_dataset, read_radiograph, split_groups, assign_split
 from . import augment
-from .model_card import model_card_markdown
+from .model_card import model_card_markdown, shortcut_checks
 
 def read_training_data(data # a path `data.read_dataset` reads, or its DataFrame
                       )->pd.DataFrame:
@@ -249,9 +249,12 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     temperature = fit_temperature(logits, y)
     va = df[df.split == 'valid']
     from cxr_covid_nbdev.metrics import compute_metrics, expected_calibration_error
-    metrics = {**compute_metrics(y, softmax_t(logits, temperature)), 'split': 'valid',
+    probs = softmax_t(logits, temperature)
+    metrics = {**compute_metrics(y, probs), 'split': 'valid',
                'ece_before_temperature': expected_calibration_error(y, softmax_t(logits)),
                'history': history}
+    if 'age_group' in va:  # the shortcut check: adults and children apart
+        metrics['shortcut'] = shortcut_checks(va.reset_index(drop=True), probs, list(LABELS))
     meta = {'arch': arch, 'labels': list(LABELS), 'size': int(size), 'prepare_size': prepare_size,
             'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'head': head,
             'imagenet_pretrained': bool(imagenet), 'weights_source': source,
