@@ -161,8 +161,9 @@ def model_card_markdown(meta:dict, # the model's meta.json
               'the adult/pediatric numbers above show how much of the accuracy survives within one age group.',
               '- **No external validation here.** The validation split shares sources (hospitals, devices, publications) with training; '
               'performance on an independent hospital will be lower.',
-              '- **Not Certain is narrow.** It was trained on lateral films, CT, MRI and photos only; other body parts and poor frontal '
-              'films rely on the out-of-distribution score, which is imperfect.',
+              '- **Not Certain is narrow.** It was trained on lateral films, CT, MRI and photos only. Radiographs of other body parts '
+              '(a tibia, a hand) and poor frontal films rely on the out-of-distribution score, which is weak for a model trained '
+              'from scratch: such images can receive a confident verdict.',
               '- **Labels are noisy.** NIH labels were mined from reports; BIMCV COVID-19 positives include normal-looking films.',
               '- **Calibration** holds for the validation distribution only.', '']
     return '\n'.join(lines)
