@@ -167,6 +167,10 @@ def test_label_flipped_inbox_is_rejected(tmp_path, registry, base_data, corpus):
     assert failed == {'macro_f1', 'covid_recall'}, rep['gate']['checks']  # flipped labels hurt both, by a wide margin
     assert snapshot(registry.root) == before  # production unchanged, byte for byte
     assert Path(rep['candidate']['path']).is_dir()  # the candidate stays in the run folder only
+    # the next night, same inbox, same settings: not trained and rejected again
+    rep2 = run_retrain(inbox, registry.root, base_data, runs_dir=tmp_path/'runs', epochs=3, bs=16)
+    assert rep2['status'] == 'skipped' and 'already rejected' in rep2['decision']['reason']
+    assert snapshot(registry.root) == before
 
 
 def test_sigkill_during_training_leaves_registry_usable(tmp_path, registry, base_data, new_cases):
