@@ -8,14 +8,14 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/registry.html.md"""
 __all__ = ['VERSION_RE', 'VERSION_FILES', 'version_name', 'verify_model_dir', 'RegistryError', 'Registry', 'registry_command',
            'add_commands']
 
-# %% ../nbs/07_registry.ipynb #17c6d2a8
+# %% ../nbs/07_registry.ipynb #22e86ccc
 import argparse, fcntl, json, os, re, shutil, stat
 from fastcore.basics import patch
 from contextlib import contextmanager
 from pathlib import Path
 from .core import *
 
-# %% ../nbs/07_registry.ipynb #136880f6
+# %% ../nbs/07_registry.ipynb #10e3164d
 VERSION_RE = re.compile(r'^v(\d{4,})-(\d{8}T\d{6}Z)-([0-9a-f]{8})$')
 VERSION_FILES = ('model.safetensors', 'meta.json', 'metrics.json', 'model_card.md')
 
@@ -25,7 +25,7 @@ def version_name(number:int, # 1, 2, ...: the order of addition
     "A sortable, unique version name `v0001-<UTC>-<sha256[:8]>`"
     return f"v{number:04d}-{utc or utc_timestamp()}-{sha256[:8]}"
 
-# %% ../nbs/07_registry.ipynb #1009b2bd
+# %% ../nbs/07_registry.ipynb #ca03b36a
 def verify_model_dir(model_dir:Path|str)->str:
     "The sha256 of `model_dir`'s weights, after checking it against `meta.json`; `ValueError` otherwise"
     model_dir = Path(model_dir)
@@ -36,7 +36,7 @@ def verify_model_dir(model_dir:Path|str)->str:
         raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in its meta.json: damaged or replaced")
     return digest
 
-# %% ../nbs/07_registry.ipynb #1e3a7d4d
+# %% ../nbs/07_registry.ipynb #1a3b2aee
 class RegistryError(ValueError):
     "A registry operation that cannot be done (unknown version, nothing to roll back to...)"
 
@@ -77,7 +77,7 @@ class Registry:
         d = production_model_dir(self.root)
         return d.name if d is not None else None
 
-# %% ../nbs/07_registry.ipynb #d8f7d056
+# %% ../nbs/07_registry.ipynb #5dc5ad37
 def _model_card(version:str, meta:dict, metrics:dict, note:str)->str:
     lines = [f"# Model {version}", "", note or "", "",
              f"- architecture: {meta.get('arch')}, input {meta.get('size')} px, labels: {', '.join(meta.get('labels', []))}",
@@ -92,7 +92,8 @@ def add(self:Registry,
         model_dir:Path|str, # a model folder (`core.save_model_dir`)
         metrics:dict|None=None, # replaces the folder's metrics.json
         note:str='', # a line for the model card and version.json
-        source:dict|None=None)->str: # provenance to record (e.g. the retraining run)
+        source:dict|None=None, # provenance to record (e.g. the retraining run)
+        extra_json:dict|None=None)->str: # more JSON files, name -> object (e.g. the evaluation behind a promotion)
     "Copy `model_dir` into the registry as a new immutable version; its name"
     model_dir = Path(model_dir)
     sha = verify_model_dir(model_dir)
@@ -108,13 +109,14 @@ def add(self:Registry,
             atomic_write_json(tmp/'metrics.json', metrics or {})
             if (model_dir/'model_card.md').is_file(): shutil.copy2(model_dir/'model_card.md', tmp/'model_card.md')
             else: atomic_write_text(tmp/'model_card.md', _model_card(version, meta, metrics, note))
+            for name, obj in (extra_json or {}).items(): atomic_write_json(tmp/name, obj)
             atomic_write_json(tmp/'version.json', {'version': version, 'sha256': sha, 'added_utc': utc_timestamp(),
                                                    'from': str(model_dir.resolve()), 'note': note, 'source': source or {}})
             if verify_model_dir(tmp) != sha: raise ValueError(f"Copy of {model_dir} into the registry is damaged")
             for f in tmp.iterdir(): f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     return version
 
-# %% ../nbs/07_registry.ipynb #7275924b
+# %% ../nbs/07_registry.ipynb #5c6255b6
 @patch
 def history(self:Registry)->list:
     "The promotion history, oldest first (a torn last line from a crash is skipped)"
@@ -170,7 +172,7 @@ def rollback(self:Registry, reason:str='')->dict:
         verify_model_dir(self.path(target))
         return self._set_production('rollback', target, reason or f'rollback of {current}')
 
-# %% ../nbs/07_registry.ipynb #db81595b
+# %% ../nbs/07_registry.ipynb #860f214c
 def _summary(metrics:dict)->dict:
     "The headline numbers of a metrics dict, wherever they sit (top level, `valid`, `external`)"
     res = {}
@@ -202,6 +204,7 @@ def show(self:Registry, version:str)->dict:
     rd = lambda n: json.loads((d/n).read_text()) if (d/n).is_file() else {}
     return {'version': version, 'path': str(d), 'production': version == self.production(),
             'meta': rd('meta.json'), 'metrics': rd('metrics.json'), 'added': rd('version.json'),
+            'promotion': rd('promotion.json') or None,
             'history': [e for e in self.history() if version in (e.get('version'), e.get('previous'))]}
 
 @patch
@@ -215,7 +218,7 @@ def ensure_seeded(self:Registry,
     with self._locked(): self._set_production('seed', v, 'seeded with the shipped default model')
     return v
 
-# %% ../nbs/07_registry.ipynb #7502db12
+# %% ../nbs/07_registry.ipynb #79fd3b32
 @patch
 def clean_partial(self:Registry)->list:
     "Remove folders left by an interrupted `add`; their names"
@@ -228,7 +231,7 @@ def clean_partial(self:Registry)->list:
             shutil.rmtree(p)
     return [p.name for p in gone]
 
-# %% ../nbs/07_registry.ipynb #f0fe2b4b
+# %% ../nbs/07_registry.ipynb #37bb1bd1
 def _print_table(rows:list):
     if not rows: print('(no versions)'); return
     cols = ['version', 'production', 'arch', 'size', 'macro_f1', 'valid_macro_f1', 'external_macro_f1']

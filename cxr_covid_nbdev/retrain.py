@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/retrain.html.md"""
 __all__ = ['INBOX_COLUMNS', 'COVID', 'LockHeld', 'RetrainLock', 'InboxError', 'read_inbox_manifest', 'check_inbox', 'merge_inbox',
            'promotion_gate', 'RetrainRun', 'template_notebook', 'default_runs_dir', 'run_retrain', 'add_commands']
 
-# %% ../nbs/08_retrain.ipynb #a312d2ef
+# %% ../nbs/08_retrain.ipynb #f9fed874
 import argparse, errno, fcntl, hashlib, json, os, shutil, socket, sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +18,7 @@ from .core import *
 from .cli import UsageError
 from .registry import Registry, verify_model_dir
 
-# %% ../nbs/08_retrain.ipynb #170d8fa6
+# %% ../nbs/08_retrain.ipynb #d0cefa21
 class LockHeld(UsageError):
     "Another retraining run holds the lock"
 
@@ -58,7 +58,7 @@ class RetrainLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
-# %% ../nbs/08_retrain.ipynb #c1838c34
+# %% ../nbs/08_retrain.ipynb #35e26ad3
 INBOX_COLUMNS = ('path', 'label', 'patient_id', 'validated_by', 'validated_at')
 
 class InboxError(UsageError):
@@ -78,7 +78,7 @@ def read_inbox_manifest(inbox:Path|str)->pd.DataFrame: # the folder with manifes
     if missing: raise InboxError(f"{f} lacks the column(s) {', '.join(missing)}: it needs {', '.join(INBOX_COLUMNS)}")
     return df.apply(lambda c: c.str.strip())
 
-# %% ../nbs/08_retrain.ipynb #bfc6e89c
+# %% ../nbs/08_retrain.ipynb #449ac0c0
 from .data import read_radiograph, UnreadableImage, read_dataset
 
 def _reject(row:dict, reason:str)->dict: return {'path': row.get('path', ''), 'label': row.get('label', ''),
@@ -110,7 +110,7 @@ def check_inbox(inbox:Path|str, # folder with manifest.csv and the images
     cols = list(MANIFEST_COLUMNS) + ['validated_by', 'validated_at']
     return pd.DataFrame(rows, columns=cols), rejected
 
-# %% ../nbs/08_retrain.ipynb #13e77687
+# %% ../nbs/08_retrain.ipynb #989e191d
 from .data import near_duplicates, hash_pairs, image_hash, split_groups, assign_split, DUP_DISTANCE
 
 def _hashes(df:pd.DataFrame)->list:
@@ -158,7 +158,7 @@ def merge_inbox(base:pd.DataFrame, # reference data (`data.read_dataset`), with 
     if moved: raise AssertionError(f"{moved} reference images changed split; this is a bug")
     return merged, rejected
 
-# %% ../nbs/08_retrain.ipynb #4cefc888
+# %% ../nbs/08_retrain.ipynb #f1d8ab7f
 COVID = 'COVID-19'
 
 def _covid_recall(m:dict)->float|None:
@@ -186,7 +186,7 @@ def promotion_gate(candidate:dict, # {set name: metrics} of the candidate (`exte
               if not failed else 'candidate worse than production: ' + '; '.join(fmt(k) for k in failed))
     return {'promote': not failed, 'reason': reason, 'checks': checks}
 
-# %% ../nbs/08_retrain.ipynb #f8975c63
+# %% ../nbs/08_retrain.ipynb #e5ceebba
 class RetrainRun:
     "The state and report of one retraining run"
     def __init__(self, registry:Path|str|None, # registry folder; `core.default_registry_dir()` if `None`
@@ -215,7 +215,7 @@ class RetrainRun:
         "Record the step the run has reached in `status.json`"
         atomic_write_json(self.out/'status.json', {'step': step, 'pid': os.getpid(), 'utc': utc_timestamp()})
 
-# %% ../nbs/08_retrain.ipynb #f6a20c33
+# %% ../nbs/08_retrain.ipynb #b2213192
 def _counts(df:pd.DataFrame)->dict:
     return {sp: df[df.split == sp].label.value_counts().reindex(LABELS, fill_value=0).to_dict() for sp in sorted(set(df.split))}
 
@@ -276,7 +276,7 @@ def active(self:RetrainRun)->bool:
     "Is there still something to do?"
     return self.report['status'] == 'running'
 
-# %% ../nbs/08_retrain.ipynb #530054fa
+# %% ../nbs/08_retrain.ipynb #80d71405
 @patch
 def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None, bs:int=32, seed:int=42,
           progress:bool=False)->Path:
@@ -290,7 +290,7 @@ def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None
     self.report['candidate'] = {'path': str(self.candidate), 'sha256': read_meta(self.candidate)['sha256'], 'size': size}
     return self.candidate
 
-# %% ../nbs/08_retrain.ipynb #2b401c46
+# %% ../nbs/08_retrain.ipynb #86cfc44e
 @patch
 def evaluate(self:RetrainRun, seed:int=42)->dict:
     "Metrics of the candidate and of production on the same sets"
@@ -317,10 +317,10 @@ def decide(self:RetrainRun, f1_tolerance:float=0.0, recall_tolerance:float=0.0, 
         return self.report['decision']
     if gate['promote']:
         self.status('promoting')
-        v = self.registry.add(self.candidate, metrics={**m['candidate'], 'gate': gate, 'run': self.out.name},
-                              note=f"Retrained by run {self.out.name} from {self.production}.",
+        v = self.registry.add(self.candidate, note=f"Retrained by run {self.out.name} from {self.production}.",
                               source={'run': str(self.out.resolve()), 'init_from': self.production,
-                                      'inbox_manifest_sha1': self.report['inbox']['manifest_sha1']})
+                                      'inbox_manifest_sha1': self.report['inbox']['manifest_sha1']},
+                              extra_json={'promotion.json': {'run': self.out.name, 'gate': gate, 'metrics': m}})
         self.registry.promote(v, f"retraining run {self.out.name}: {gate['reason']}")
         self.report.update(status='promoted', candidate_version=v)
     else: self.report['status'] = 'rejected'
@@ -335,7 +335,7 @@ def finish(self:RetrainRun)->dict:
     self.status('done')
     return self.report
 
-# %% ../nbs/08_retrain.ipynb #4df6bc52
+# %% ../nbs/08_retrain.ipynb #cb726832
 def template_notebook()->Path:
     "The papermill notebook `papermill_runs/retrain.ipynb` of the checkout"
     import cxr_covid_nbdev
@@ -392,7 +392,7 @@ def run_retrain(inbox:Path|str, # folder with manifest.csv and images of validat
             raise RuntimeError(f"Retraining run {out} failed ({err}); the registry is unchanged unless run.json says otherwise") from None
     return json.loads((out/'run.json').read_text())
 
-# %% ../nbs/08_retrain.ipynb #f135ea73
+# %% ../nbs/08_retrain.ipynb #fdac705d
 def _run_cli(args):
     try:
         rep = run_retrain(args.inbox, args.registry, args.base_data, args.external_data, args.runs_dir,

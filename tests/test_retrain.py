@@ -133,6 +133,9 @@ def test_good_inbox_is_promoted_and_served(tmp_path, registry, base_data, new_ca
     monkeypatch.setenv('CXR_COVID_REGISTRY', str(registry.root))
     assert resolve_model_dir() == registry.path(v)  # what `predict` and the dashboard's next session load
     assert read_meta(registry.path(v))['init_from'] == str(registry.path(before))
+    promo = json.loads((registry.path(v)/'promotion.json').read_text())
+    assert promo['gate'] == rep['gate'] and promo['metrics'] == rep['metrics']
+    assert 'macro_f1' in json.loads((registry.path(v)/'metrics.json').read_text())  # the training layout, kept
     run_dir = Path(rep['out_dir'])
     assert (run_dir/'retrain.ipynb').is_file() and json.loads((run_dir/'run.json').read_text()) == rep
     assert rep['inbox']['accepted'] == len(new_cases) and rep['inbox']['rejected'] == 4
