@@ -111,12 +111,13 @@ def test_dashboard_uploads(dashboard, tiny_model_dir, cxr_real, dicom_file, arti
             assert cards.count() == 1
             _check_result(cards.nth(0), cxr.name)
 
-            # 2. two DICOM files at once: a chest CR and a tibia (RG3, EXTREMITY); the tibia gets an abstention or a verdict
+            # 2. two DICOM files at once: a chest CR and a tibia (RG3, whose header says EXTREMITY): the tibia is refused
             rg1, rg3 = dicom_file('RG1_UNCI.dcm'), dicom_file('RG3_UNCI.dcm')
             cards = _upload(page, [rg1, rg3], 2)
             assert cards.count() == 2
             _check_result(cards.nth(0), 'RG1_UNCI.dcm')
-            _check_result(cards.nth(1), 'RG3_UNCI.dcm')
+            assert _check_result(cards.nth(1), 'RG3_UNCI.dcm') == (NOT_CERTAIN, True)
+            assert 'body part EXTREMITY' in cards.nth(1).locator('.cxr-verdict').inner_text()
             _fit_viewport(page)
             page.screenshot(path=str(artifacts/'dashboard.png'), full_page=True)
             page.set_viewport_size({'width': 1280, 'height': 900})

@@ -252,3 +252,20 @@ def test_auto_backend_falls_back_to_torch(untrained_dir, tmp_path, monkeypatch, 
     assert pr.predict(files[0]).label in LABELS
     with pytest.raises(OSError): Predictor(untrained_dir, backend='onnx')
     with pytest.raises(ValueError, match='backend'): Predictor(untrained_dir, backend='tensorrt')
+
+
+def test_dicom_header_rules_out_other_body_parts(untrained_dir, dicom_file, tmp_path):
+    "RG3 (a tibia, BodyPartExamined EXTREMITY) is refused from its header, one at a time and streamed; its pixels alone are not"
+    from PIL import Image
+    from cxr_covid_nbdev.data import read_radiograph
+    from cxr_covid_nbdev.inference import Predictor, ABSTAIN_HEADER
+    pr = Predictor(untrained_dir)
+    rg1, rg3 = dicom_file('RG1_UNCI.dcm'), dicom_file('RG3_UNCI.dcm')
+    p = pr.predict(rg3)
+    assert p.abstained and p.label == 'Not Certain' and p.reason == f"{ABSTAIN_HEADER}: body part EXTREMITY"
+    assert pr.predict(rg3.read_bytes(), name='upload.dcm').reason == p.reason
+    streamed = {path: pred for path, pred, _ in pr.iter_predict([rg1, rg3], bs=2)}
+    assert streamed[rg3].reason == p.reason
+    assert streamed[rg1].reason is None or not streamed[rg1].reason.startswith(ABSTAIN_HEADER)
+    png = tmp_path/'tibia.png'; read_radiograph(rg3).save(png)   # the same pixels without a header
+    assert pr.predict(png).reason is None or not pr.predict(png).reason.startswith(ABSTAIN_HEADER)
