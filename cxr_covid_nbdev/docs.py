@@ -124,13 +124,14 @@ def subsets_of(metrics:dict|None)->dict:
     return m.get('subsets') or (m.get('shortcut') or {}).get('subsets') or {}
 
 def subsets_table(metrics:dict)->pd.DataFrame|None:
-    "Accuracy, macro F1 and COVID-19 recall per subset (adult, pediatric...), or `None` without subsets"
+    "Accuracy, macro F1 (over the classes present) and COVID-19 recall per subset (adult, pediatric...), or `None` without subsets"
     subs = subsets_of(metrics)
     if not subs: return None
     def covid_recall(s):  # no COVID-19 image in the subset: no recall, not 0
         c = (s.get('per_class') or {}).get('COVID-19') or {}
         return '—' if c.get('support') == 0 else fmt(c.get('recall'))
-    rows = {name: {'images': fmt(s.get('n')), 'accuracy': fmt(s.get('accuracy')), 'macro F1': fmt(s.get('macro_f1')),
+    from cxr_covid_nbdev.model_card import present_macro_f1  # a subset may lack classes: average over those present
+    rows = {name: {'images': fmt(s.get('n')), 'accuracy': fmt(s.get('accuracy')), 'macro F1': fmt(present_macro_f1(s)),
                    'COVID-19 recall': covid_recall(s)} for name, s in subs.items() if isinstance(s, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('subset')
 
