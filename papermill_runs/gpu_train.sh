@@ -3,7 +3,8 @@
 # Run from the repository root (or a `git archive` snapshot of it; DATA and WHL then point back) with:
 #   .whl/     wheels for what the machine lacks (fastai, fastcore, papermill, ipykernel, pydicom, ...)
 #   .bundle/  the prepared corpus (cxr-covid prepare ../shared/data/cxr-train --out .bundle/cxr-train-350)
-# Everything the run writes goes to papermill_runs/runs/<UTC timestamp>/ and, packed, to $OUT.
+# The run writes papermill_runs/runs/<UTC timestamp>/ and its figures to nbs/figures/runs/<UTC timestamp>/;
+# both, packed, go to $OUT.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,5 +33,5 @@ python3 -m papermill papermill_runs/train.ipynb "$RUN/train.ipynb" --cwd papermi
 # the data set's own record (size, sources) and its prepare report (skipped files, near-duplicates) go with the run
 if [ -f "$DATA/prepare.json" ]; then cp "$DATA/prepare.json" "$RUN/prepare.json"; fi
 if [ -f "$DATA/report.json" ]; then cp "$DATA/report.json" "$RUN/prepare_report.json"; fi
-tar czf - -C papermill_runs/runs "$TS" | split -b 15M -d - "$OUT/run.tgz.part"
+tar czf - "$RUN" "nbs/figures/runs/$TS" | split -b 15M -d - "$OUT/run.tgz.part"   # unpack at the repository root
 ls -la "$OUT"
