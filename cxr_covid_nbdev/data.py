@@ -6,9 +6,9 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/data.html.md"""
 
 # %% auto #0
 __all__ = ['RADIOGRAPH_MODALITIES', 'DICOM_ACQUISITION', 'LAYOUTS', 'IMAGE_SUFFIXES', 'EXTRA_COLUMNS', 'HASH_SIZE',
-           'DUP_DISTANCE', 'UnreadableImage', 'read_radiograph', 'detect_layout', 'cohen_label', 'read_dataset',
-           'image_hash', 'hash_pairs', 'near_duplicates', 'link_groups', 'split_groups', 'assign_split', 'straddling',
-           'prepare', 'add_commands']
+           'DUP_DISTANCE', 'SITES', 'UnreadableImage', 'read_radiograph', 'detect_layout', 'cohen_label',
+           'read_dataset', 'image_hash', 'hash_pairs', 'near_duplicates', 'link_groups', 'split_groups', 'assign_split',
+           'straddling', 'site_of', 'with_sites', 'prepare', 'add_commands']
 
 # %% ../nbs/01_data.ipynb #479b3ec0
 import argparse, hashlib, io, json, os, re, warnings
@@ -400,6 +400,25 @@ def straddling(df:pd.DataFrame, groups:np.ndarray)->list:
             res.append(dict(patients=sorted(set(df.patient_id.values[list(idx)]) - {''}), splits=sorted(sp),
                             paths=[df.path.values[i] for i in idx]))
     return res
+
+# %% ../nbs/01_data.ipynb #ba6d6e0a
+SITES = {'cohen': 'literature', 'cxnet': 'literature', 'figure1': 'literature',
+         'raddb-bimcv': 'spain', 'actualmed': 'spain',
+         'nih-normal': 'nih', 'nih-pneumonia': 'nih', 'rdbrsna': 'nih',
+         'kermany-normal': 'guangzhou', 'kermany-bacteria': 'guangzhou', 'kermany-virus': 'guangzhou',
+         'openist': 'chestx-ray.com', 'covid-ct': 'ct', 'brain-mri': 'mri', 'photo': 'photos', 'photo-kodak': 'photos'}
+
+def site_of(path:str, # an image path (only its file name is read)
+            source_repo:str='')->str: # the row's `source_repo`, used when the name has no known prefix
+    "The site of an image (see `SITES`)"
+    prefix = Path(str(path)).name.split('_', 1)[0]
+    return SITES.get(prefix) or (source_repo if isinstance(source_repo, str) and source_repo else 'unknown')
+
+def with_sites(df:pd.DataFrame)->pd.DataFrame:
+    "`df` with a `site` column (kept if it has one)"
+    if 'site' in df: return df
+    src = df['source_repo'] if 'source_repo' in df else pd.Series([''] * len(df), index=df.index)
+    return df.assign(site=[site_of(p, s) for p, s in zip(df.path, src.fillna(''))])
 
 # %% ../nbs/01_data.ipynb #b6196aee
 def _prepare_one(args)->dict:

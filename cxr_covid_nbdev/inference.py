@@ -6,8 +6,9 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/inference.html.md"""
 
 # %% auto #0
 __all__ = ['ABSTAIN_NOT_CERTAIN', 'ABSTAIN_OOD', 'ABSTAIN_HEADER', 'CHEST_BODY_PARTS', 'LATERAL_VIEWS', 'MAX_UPLOAD_BYTES',
-           'Preprocess', 'cache_dir', 'export_onnx', 'onnx_model', 'header_reason', 'Prediction', 'decide', 'Predictor',
-           'overlay', 'find_images', 'dashboard_notebook', 'dashboard_command', 'add_commands']
+           'Preprocess', 'cache_dir', 'export_onnx', 'onnx_model', 'header_reason', 'Prediction', 'decide',
+           'model_inputs', 'Predictor', 'overlay', 'find_images', 'dashboard_notebook', 'dashboard_command',
+           'add_commands']
 
 # %% ../nbs/06_inference.ipynb #8af062b8
 import argparse, io, json, os, sys, warnings
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image
 from .core import *
 from .data import read_radiograph, UnreadableImage, IMAGE_SUFFIXES
+from .lungs import LungFields, lung_fields, lung_probs, lung_input, lung_reason, model_view, segmenter, lung_share
 
 # %% ../nbs/06_inference.ipynb #6dd14c27
 @dataclass(frozen=True)
@@ -27,17 +29,25 @@ class Preprocess:
     prepare_size:int|None=None # the `prepare`d set's longest side, if the model was trained on one
     mean:tuple=IMAGENET_MEAN
     std:tuple=IMAGENET_STD
+    equalize:bool=False # histogram equalisation (the recipe's `equalize`)
+    lung_crop:float|None=None # margin of the crop to the lung fields (the recipe's `lung_crop`)
 
     @classmethod
     def from_meta(cls, meta:dict): # a model folder's `meta.json`
-        return cls(int(meta['size']), meta.get('prepare_size'), tuple(meta['mean']), tuple(meta['std']))
+        inp = meta.get('input') or {}
+        return cls(int(meta['size']), meta.get('prepare_size'), tuple(meta['mean']), tuple(meta['std']),
+                   bool(inp.get('equalize', False)), inp.get('lung_crop'))
 
-    def image(self, img:Image.Image)->Image.Image:
+    def shrink(self, img:Image.Image)->Image.Image:
         "`img` shrunk as `prepare` did (unchanged when the model was not trained on a prepared set)"
         return fit_longest_side(img, int(self.prepare_size)) if self.prepare_size else img
 
-    def __call__(self, img:Image.Image)->np.ndarray:
-        return model_input(self.image(img), self.size, self.mean, self.std)
+    def image(self, img:Image.Image, fields:LungFields|None=None)->Image.Image:
+        "What the model sees before the squish (`lungs.model_view`)"
+        return model_view(img, self.prepare_size, self.equalize, self.lung_crop, fields)
+
+    def __call__(self, img:Image.Image, fields:LungFields|None=None)->np.ndarray:
+        return model_input(self.image(img, fields), self.size, self.mean, self.std)
 
 # %% ../nbs/06_inference.ipynb #e116cff7
 def cache_dir()->Path:
@@ -105,6 +115,12 @@ class Prediction:
     ood_score:float # energy of the raw logits: higher is further from the training images
     top_label:str # the class with the highest probability
     cam:np.ndarray|None=field(default=None, repr=False) # Grad-CAM, H×W in [0, 1], when asked for
+    lung_prob:np.ndarray|None=field(default=None, repr=False) # lung-field probability map (`lungs`), when checked
+
+    @property
+    def cam_lung_share(self)->float|None:
+        "Share of the Grad-CAM mass inside the lung fields (needs both maps)"
+        return None if self.cam is None or self.lung_prob is None else lung_share(self.cam, self.lung_prob)
 
     def to_dict(self)->dict:
         "JSON-ready fields (no CAM)"
@@ -116,8 +132,10 @@ def decide(logits:np.ndarray, # one row of raw logits
            labels:list, # class names, in the logits' order
            temperature:float=1.0, # calibration temperature
            ood_threshold:float|None=None, # energy above which the image is out of distribution
-           cam=None,
-           header:str|None=None)->Prediction: # a reason from the DICOM header (`header_reason`) to abstain
+           cam=None, # Grad-CAM map to keep with the prediction
+           header:str|None=None, # a reason from the DICOM header (`header_reason`) to abstain
+           lungs:str|None=None, # a reason from the lung check (`lungs.lung_reason`) to abstain
+           lung_prob:np.ndarray|None=None)->Prediction: # the lung map to keep with the prediction
     "Turn one image's logits into a `Prediction`, abstaining when the model should"
     logits = np.asarray(logits, dtype=np.float64)
     p = softmax_t(logits[None], temperature)[0]
@@ -125,31 +143,37 @@ def decide(logits:np.ndarray, # one row of raw logits
     energy = float(energy_score(logits[None])[0])
     reason = None
     if header: reason = header
+    elif lungs: reason = lungs
     elif top == NOT_CERTAIN: reason = ABSTAIN_NOT_CERTAIN
     elif ood_threshold is not None and energy > ood_threshold:
         reason = f"{ABSTAIN_OOD} (energy {energy:.2f} > threshold {ood_threshold:.2f})"
     return Prediction(NOT_CERTAIN if reason else top, dict(zip(labels, p.tolist())), reason is not None,
-                      reason, energy, top, cam)
+                      reason, energy, top, cam, lung_prob)
 
 # %% ../nbs/06_inference.ipynb #dacb8250
 def _reason(e:Exception)->str:
     return str(e) if isinstance(e, UnreadableImage) else f"{type(e).__name__}: {e}"
 
+def model_inputs(img:Image.Image, # a radiograph as `read_radiograph` gives it
+                 pre:Preprocess, # the model's preprocessing
+                 check_lungs:bool=True)->tuple: # (3×size×size array, header reason, lung reason, lung probability map)
+    "Everything a prediction needs from one image: the network input and the reasons to refuse it"
+    fields = lung_fields(lung_probs(segmenter(), lung_input(pre.shrink(img)))) if check_lungs or pre.lung_crop is not None else None
+    reason = lung_reason(fields) if check_lungs else None
+    return pre(img, fields), header_reason(img), reason, None if fields is None else fields.prob
+
 class _Radiographs:
-    "A map-style dataset of image files: index -> (index, array or None, unreadable reason or None, header reason or None)"
-    def __init__(self, paths, pre:Preprocess): self.paths, self.pre = list(paths), pre
+    "A map-style dataset of image files: index -> (index, `model_inputs` or None, unreadable reason or None)"
+    def __init__(self, paths, pre:Preprocess, check_lungs:bool=True): self.paths, self.pre, self.check = list(paths), pre, check_lungs
     def __len__(self): return len(self.paths)
     def __getitem__(self, i):
-        try:
-            img = read_radiograph(self.paths[i])
-            return i, self.pre(img), None, header_reason(img)
-        except Exception as e: return i, None, _reason(e), None
+        try: return i, model_inputs(read_radiograph(self.paths[i]), self.pre, self.check), None
+        except Exception as e: return i, None, _reason(e)
 
 def _collate(items):
     import torch
-    xs = [it[1] for it in items if it[1] is not None]
-    return ([it[0] for it in items], torch.from_numpy(np.stack(xs)) if xs else None,
-            [it[2] for it in items], [it[3] for it in items])
+    xs = [it[1][0] for it in items if it[1] is not None]
+    return [it[0] for it in items], torch.from_numpy(np.stack(xs)) if xs else None, [it[1] for it in items], [it[2] for it in items]
 
 # %% ../nbs/06_inference.ipynb #de54d998
 class Predictor:
@@ -157,8 +181,8 @@ class Predictor:
     def __init__(self, model_dir:Path|str|None=None, # a model folder; `None`: the production model, else the packaged one
                  device:str='cpu', # torch device
                  backend:str='auto', # 'onnx' (ONNX Runtime, CPU), 'torch', or 'auto': onnx on a CPU when it works, else torch
-                 threads:int|None=None): # ONNX Runtime intra-op threads (default: its own choice)
-        import torch
+                 threads:int|None=None, # ONNX Runtime intra-op threads (default: its own choice)
+                 check_lungs:bool=True): # refuse images without plausible lung fields (`lungs.lung_reason`)
         if backend not in ('auto', 'onnx', 'torch'): raise ValueError(f"backend must be 'auto', 'onnx' or 'torch', not {backend!r}")
         self.model_dir = resolve_model_dir(model_dir)
         self.device = str(device)
@@ -168,6 +192,8 @@ class Predictor:
         self.temperature = float(self.meta.get('temperature') or 1.0)
         self.ood_threshold = (self.meta.get('ood') or {}).get('threshold')
         self.preprocess = Preprocess.from_meta(self.meta)
+        self.check_lungs = check_lungs
+        self._check_segmenter()
         if backend == 'onnx' and self.device != 'cpu': raise ValueError("the onnx backend runs on the CPU: use device='cpu' or backend='torch'")
         self._session = None
         if backend != 'torch' and self.device == 'cpu':
@@ -192,9 +218,19 @@ class Predictor:
         if self._session is not None: return self._session.run(None, {'input': x})[0]
         with torch.inference_mode(): return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
-    def prediction(self, logits:np.ndarray, cam=None, header:str|None=None)->Prediction:
+    def _check_segmenter(self):
+        "A model that crops to the lungs needs the segmenter it was trained with"
+        want = (self.meta.get('input') or {}).get('lung_segmenter')
+        if self.preprocess.lung_crop is None or want is None: return
+        from cxr_covid_nbdev.lungs import default_segmenter_dir
+        have = json.loads((default_segmenter_dir()/'meta.json').read_text())['sha256']
+        if have != want: raise ValueError(f"{self.model_dir} was trained with lung segmenter {want[:12]}, but this "
+                                          f"installation has {have[:12]}: install the version of cxr-covid-nbdev it was made with")
+
+    def prediction(self, logits:np.ndarray, cam=None, header:str|None=None, lungs:str|None=None,
+                   lung_prob:np.ndarray|None=None)->Prediction:
         "The `Prediction` for one row of logits, with this model's temperature and OOD threshold"
-        return decide(logits, self.labels, self.temperature, self.ood_threshold, cam, header)
+        return decide(logits, self.labels, self.temperature, self.ood_threshold, cam, header, lungs, lung_prob)
 
     def read(self, source, name:str|None=None)->Image.Image:
         "`source` (path, upload bytes or PIL image) as the 8-bit grayscale image the model reads"
@@ -204,10 +240,9 @@ class Predictor:
                 name:str|None=None, # file name for messages (and the DICOM suffix) when `source` is bytes
                 cam:bool=False)->Prediction: # also compute the Grad-CAM of the top class
         "Predict one image; raises `data.UnreadableImage` when it cannot be read"
-        img = self.read(source, name)
-        x = self.preprocess(img)[None]
-        logits = self.predict_logits(x)[0]
-        return self.prediction(logits, self.gradcam(x[0], int(np.argmax(logits))) if cam else None, header_reason(img))
+        x, header, lungs, prob = model_inputs(self.read(source, name), self.preprocess, self.check_lungs)
+        logits = self.predict_logits(x[None])[0]
+        return self.prediction(logits, self.gradcam(x, int(np.argmax(logits))) if cam else None, header, lungs, prob)
 
     def iter_predict(self, paths:list, # image files
                      bs:int=32, # batch size
@@ -217,13 +252,14 @@ class Predictor:
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
         paths = list(paths)
-        dl = DataLoader(_Radiographs(paths, self.preprocess), batch_size=bs, num_workers=num_workers,
+        dl = DataLoader(_Radiographs(paths, self.preprocess, self.check_lungs), batch_size=bs, num_workers=num_workers,
                         collate_fn=_collate, shuffle=False)
         with tqdm(total=len(paths), unit='img', disable=not progress, file=sys.stderr, desc='predict') as bar:
-            for idx, xb, reasons, headers in dl:
+            for idx, xb, inputs, reasons in dl:
                 logits = iter(self.predict_logits(xb.numpy()) if xb is not None else [])
-                for i, r, h in zip(idx, reasons, headers):
-                    yield (paths[i], None, r) if r is not None else (paths[i], self.prediction(next(logits), header=h), None)
+                for i, inp, r in zip(idx, inputs, reasons):
+                    if r is not None: yield paths[i], None, r
+                    else: yield paths[i], self.prediction(next(logits), None, *inp[1:]), None
                 bar.update(len(idx))
 
     def predict_paths(self, paths:list, bs:int=32, num_workers:int=0, progress:bool=False)->np.ndarray:

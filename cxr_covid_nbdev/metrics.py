@@ -6,7 +6,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/metrics.html.md"""
 
 # %% auto #0
 __all__ = ['encode_labels', 'auroc_ci', 'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error',
-           'compute_metrics', 'metrics_table', 'format_metrics', 'plot_confusion_matrix', 'plot_roc',
+           'compute_metrics', 'rate_ci', 'metrics_table', 'format_metrics', 'plot_confusion_matrix', 'plot_roc',
            'plot_reliability']
 
 # %% ../nbs/04_metrics.ipynb #ce22e646
@@ -126,6 +126,14 @@ def compute_metrics(y_true, # true labels (names, or indices into `labels`)
         res['covid_sensitivity_at_95_specificity'] = sensitivity_at_specificity(y == labels.index('COVID-19'), p[:, labels.index('COVID-19')])
     res['ece'] = expected_calibration_error(y, p, 15)
     return res
+
+# %% ../nbs/04_metrics.ipynb #7b15ad48
+def rate_ci(k:int, n:int)->dict:
+    "`k/n` with its Wilson 95% confidence interval (`None` when `n` is 0)"
+    if n == 0: return {'value': None, 'ci95': None, 'k': 0, 'n': 0}
+    from scipy.stats import binomtest
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method='wilson')
+    return {'value': k / n, 'ci95': [float(ci.low), float(ci.high)], 'k': int(k), 'n': int(n)}
 
 # %% ../nbs/04_metrics.ipynb #818d3a67
 def metrics_table(m:dict # the result of `compute_metrics`

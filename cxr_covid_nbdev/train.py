@@ -10,7 +10,7 @@ __all__ = ['CONTRAST', 'read_training_data', 'with_split', 'RadiographLoader', '
            'manifest_sha1', 'train_model', 'add_commands']
 
 # %% ../nbs/03_train.ipynb #905e18b0
-import argparse, os, tempfile, time
+import argparse, json, os, tempfile, time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,7 +21,8 @@ from .core import *
 # %% ../nbs/03_train.ipynb #93728e8e
 from .data import read_dataset, read_radiograph, split_groups, assign_split
 from . import augment
-from .model_card import model_card_markdown, shortcut_checks
+from .lungs import model_view, file_lung_fields, default_segmenter_dir
+from .model_card import model_card_markdown, shortcut_checks, training_data_summary
 
 def read_training_data(data # a path `data.read_dataset` reads, or its DataFrame
                       )->pd.DataFrame:
@@ -40,12 +41,13 @@ def with_split(df:pd.DataFrame, # manifest rows
 
 # %% ../nbs/03_train.ipynb #60e1826f
 class RadiographLoader:
-    "Path -> 3-channel `PILImage` following the model-input rule (read, then `fit_longest_side`)"
-    def __init__(self, prepare_size:int|None=None): self.prepare_size = prepare_size
+    "Path -> 3-channel `PILImage` following the model-input rule (`lungs.model_view`)"
+    def __init__(self, prepare_size:int|None=None, equalize:bool=False, lung_crop:float|None=None):
+        self.prepare_size, self.equalize, self.lung_crop = prepare_size, equalize, lung_crop
     def __call__(self, path):
         from fastai.vision.core import PILImage
-        img = read_radiograph(path)
-        if self.prepare_size: img = fit_longest_side(img, self.prepare_size)
+        fields = file_lung_fields(path, self.prepare_size) if self.lung_crop is not None else None
+        img = model_view(read_radiograph(path), self.prepare_size, self.equalize, self.lung_crop, fields)
         return PILImage(img.convert('RGB'))
 
 CONTRAST = {'lo': 0.5, 'hi': 1.9, 'p': 0.5}
@@ -55,24 +57,27 @@ def make_dataloaders(df:pd.DataFrame, # rows with `path`, `label` and `split` in
                      size:int=DEFAULT_SIZE, # side of the square the network sees
                      bs:int=32, # batch size
                      prepare_size:int|None=None, # shrink images to this longer side first (the data's prepare size)
-                     balance:int|None=None, # oversample each training class to this many rows (`augment.balance`)
+                     balance:int|str|None=None, # oversample each training class to this many rows, or 'max' (`augment.balance`)
                      seed:int=42,
                      num_workers:int=0,
-                     device=None):
-    "fastai `DataLoaders`: squish to `size`, contrast augmentation on training batches, ImageNet normalisation"
+                     device=None,
+                     recipe:str|dict='paper'): # `augment.recipe`: input rule and augmentation
+    "fastai `DataLoaders`: the recipe's input rule, squish to `size`, its augmentation on training batches, ImageNet normalisation"
+    r = augment.recipe(recipe)
     from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, IntToFloatTensor, ColReader,
-                                   ColSplitter, Resize, Normalize)
+                                   ColSplitter, Normalize)
     tr, va = df[df.split == 'train'], df[df.split == 'valid']
     if len(tr) < 2: raise ValueError(f"Need at least 2 training images (split == 'train'), got {len(tr)}")
     if len(va) < 1: raise ValueError("Need validation images (split == 'valid') for calibration and metrics")
-    if balance: tr = augment.balance(tr, balance, seed)
+    if balance: tr = augment.balance(tr, None if balance == 'max' else int(balance), seed)
     items = pd.concat([tr, va], ignore_index=True)[['path', 'label', 'split']]
     items['is_valid'] = items.split == 'valid'
-    dblock = DataBlock(blocks=(TransformBlock(type_tfms=RadiographLoader(prepare_size), batch_tfms=IntToFloatTensor),
+    item_tfms, batch_tfms = augment.recipe_tfms(r, size)
+    dblock = DataBlock(blocks=(TransformBlock(type_tfms=RadiographLoader(prepare_size, r['equalize'], r['lung_crop']),
+                                              batch_tfms=IntToFloatTensor),
                                CategoryBlock(vocab=list(LABELS))),
                        get_x=ColReader('path'), get_y=ColReader('label'), splitter=ColSplitter('is_valid'),
-                       item_tfms=Resize(size, method='squish'),
-                       batch_tfms=[augment.paper_contrast(**CONTRAST), Normalize.from_stats(IMAGENET_MEAN, IMAGENET_STD)])
+                       item_tfms=item_tfms, batch_tfms=batch_tfms + [Normalize.from_stats(IMAGENET_MEAN, IMAGENET_STD)])
     return dblock.dataloaders(items, bs=min(bs, len(tr)), num_workers=num_workers, device=device)
 
 # %% ../nbs/03_train.ipynb #343c1900
@@ -173,6 +178,10 @@ def _history(learn, stage):
     return [{'stage': stage, 'epoch': i, **{n: (None if v is None else float(v)) for n, v in zip(names, vals)}}
             for i, vals in enumerate(learn.recorder.values)]
 
+def _segmenter_sha256()->str:
+    "sha256 of the packaged lung segmenter's weights (a model that crops to the lungs depends on it)"
+    return json.loads((default_segmenter_dir()/'meta.json').read_text())['sha256']
+
 def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 out:Path|str, # the model folder to create (must not exist)
                 arch:str='resnet50', # torchvision architecture name
@@ -182,7 +191,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 bs:int=32, # batch size
                 pretrained:bool=True, # start from torchvision's ImageNet weights (error if unavailable)
                 weights:Path|str|None=None, # start from this torchvision state dict instead (.pth/.safetensors)
-                balance:int|None=None, # oversample each training class to this many images
+                balance:int|str|None=None, # oversample each training class to this many images, or 'max'
                 seed:int=42,
                 lr_min:float=1e-4, # learning rate of the first layer group
                 lr_max:float=1e-2, # learning rate of the head
@@ -191,8 +200,9 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 device:str|None=None, # 'cuda' or 'cpu' (None: CUDA if available)
                 progress:bool=True, # show fastai's progress bar and epoch table
                 dtype:str='float32', # weights in the saved file: 'float32' or 'float16'
+                recipe:str|dict='paper', # `augment.recipe`: 'paper', 'robust', or settings
                )->Path: # the model folder
-    "Train the paper's recipe (plus calibration and an OOD threshold) and save a model folder"
+    "Train a recipe (plus calibration and an OOD threshold) and save a model folder"
     import torch
     from fastai.vision.all import vision_learner, accuracy, noop
     import torchvision.models as tvm
@@ -200,6 +210,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     if out.exists(): raise FileExistsError(f"{out} already exists: choose a new --out (models are never overwritten)")
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
     if epochs < 0 or freeze_epochs < 0: raise ValueError("epochs and freeze_epochs must be >= 0")
+    r = augment.recipe(recipe)
     if init_from is None and not hasattr(tvm, arch):
         raise ValueError(f"Unknown architecture {arch!r}: use a torchvision model name such as resnet18 or resnet50")
     df = with_split(read_training_data(data), seed)
@@ -224,13 +235,15 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     seed_everything(seed)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if num_workers is None: num_workers = min(8, os.cpu_count() or 1) if device.type == 'cuda' else 0
-    dls = make_dataloaders(df, size, bs, prepare_size, balance, seed, num_workers, device)
+    dls = make_dataloaders(df, size, bs, prepare_size, balance, seed, num_workers, device, r)
     with tempfile.TemporaryDirectory() as work:
+        from fastai.losses import LabelSmoothingCrossEntropyFlat
+        loss = LabelSmoothingCrossEntropyFlat(eps=r['label_smoothing']) if r['label_smoothing'] else None
         learn = vision_learner(dls, getattr(tvm, arch), normalize=False, pretrained=False, n_out=len(LABELS),
-                               metrics=accuracy, path=work, **head)
+                               metrics=accuracy, path=work, loss_func=loss, **head)
         if init_from is not None: learn.model.load_state_dict(init_model.state_dict())
         elif body_sd is not None: load_body_weights(learn.model, body_sd, arch)
-        if device.type == 'cuda': learn.to_channelslast()  # channels_last + fp16 mixed precision
+        if device.type == 'cuda': learn.to_channelslast(amp_mode=r['precision'])  # channels_last + mixed precision
         history = []
         with ExitStack() as stack:
             if not progress: stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
@@ -257,30 +270,37 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
         metrics['shortcut'] = shortcut_checks(va.reset_index(drop=True), probs, list(LABELS))
     meta = {'arch': arch, 'labels': list(LABELS), 'size': int(size), 'prepare_size': prepare_size,
             'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'head': head,
+            'input': {'equalize': r['equalize'], 'lung_crop': r['lung_crop'],
+                      'lung_segmenter': _segmenter_sha256() if r['lung_crop'] is not None else None},
             'imagenet_pretrained': bool(imagenet), 'weights_source': source,
             'init_from': str(init_from) if init_from is not None else None,
             'temperature': temperature, 'ood': ood_threshold(logits, np.array(LABELS)[y]),
             'seed': seed, 'epochs': epochs, 'freeze_epochs': freeze_epochs,
             'recipe': {'loss': 'cross-entropy', 'optimizer': 'Adam (fastai default)', 'schedule': 'one-cycle',
                        'frozen_lr': lr_max, 'lr_min': lr_min, 'lr_max': lr_max, 'bs': dls.train.bs, 'resize': 'squish, bilinear',
-                       'contrast': CONTRAST, 'balance': balance, 'device': device.type,
-                       'mixed_precision': device.type == 'cuda'},
+                       'contrast': CONTRAST if r['contrast'] else None, 'balance': balance, 'device': device.type,
+                       'mixed_precision': r['precision'] if device.type == 'cuda' else False,
+                       'name': r['name'], 'settings': r},
             'manifest_sha1': manifest_sha1(df), 'n_train': int((df.split == 'train').sum()), 'n_valid': int(len(va)),
             'versions': library_versions(), 'created_utc': utc_timestamp()}
     run = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)',
            'train_seconds': round(time.time() - t0, 1)}
+    data = training_data_summary(df)
     return save_model_dir(model, meta, out, metrics=metrics, dtype=dtype,
-                          extra_files={'model_card.md': lambda m: model_card_markdown(m, metrics, df, run)})
+                          extra_files={'training_data.json': json.dumps(to_jsonable(data), indent=2) + '\n',
+                                       'model_card.md': lambda m: model_card_markdown(m, metrics, data, run)})
 
 # %% ../nbs/03_train.ipynb #20aeea4c
+def _balance_arg(v:str): return v if v == 'max' else int(v)
+
 def _run_train(args):
     pretrained = args.pretrained and args.weights is None
     out = train_model(args.data, args.out, arch=args.arch, size=args.size, epochs=args.epochs,
                       freeze_epochs=args.freeze_epochs, bs=args.bs, pretrained=pretrained, weights=args.weights,
                       balance=args.balance, seed=args.seed, init_from=args.init_from, num_workers=args.workers,
-                      device=args.device, progress=not args.quiet, dtype=args.dtype)
+                      device=args.device, progress=not args.quiet, dtype=args.dtype, recipe=args.recipe)
     meta, m = read_meta(out), json.loads((out/'metrics.json').read_text())
-    print(f"Saved {out}: {meta['arch']} at {meta['size']} px, validation accuracy {m['accuracy']:.3f}, "
+    print(f"Saved {out}: {meta['arch']} at {meta['size']} px, recipe {meta['recipe']['name']}, validation accuracy {m['accuracy']:.3f}, "
           f"macro F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f} (temperature {meta['temperature']:.2f})")
 
 def add_commands(subparsers:argparse._SubParsersAction):
@@ -302,13 +322,11 @@ def add_commands(subparsers:argparse._SubParsersAction):
     g.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='start from random weights')
     g.add_argument('--weights', metavar='PATH', default=None, help='start from a torchvision state dict file (.pth or .safetensors)')
     g.add_argument('--init-from', metavar='MODEL_DIR', default=None, help='fine-tune an existing model folder')
-    p.add_argument('--balance', type=int, default=None, metavar='N', help='oversample each training class to N images')
+    p.add_argument('--balance', type=_balance_arg, default=None, metavar='N', help="oversample each training class to N images, or 'max'")
+    p.add_argument('--recipe', choices=tuple(augment.RECIPES), default='paper', help='training recipe (default: paper; see augment.RECIPES)')
     p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     p.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='weights precision on disk')
     p.add_argument('--workers', type=int, default=None, metavar='N', help='data loader workers')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda if available)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(run=_run_train)
-
-# %% ../nbs/03_train.ipynb #b254d3e6
-import json
