@@ -10,7 +10,7 @@ __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SI
            'to_jsonable', 'atomic_write_json', 'atomic_dir', 'shared_data_dir', 'seed_everything', 'library_versions',
            'utc_timestamp', 'NoModelError', 'default_model_dir', 'default_registry_dir', 'is_model_dir',
            'production_model_dir', 'resolve_model_dir', 'fit_longest_side', 'model_input', 'create_model',
-           'save_model_dir', 'read_meta', 'load_model_dir', 'softmax_t', 'energy_score']
+           'save_model_dir', 'read_meta', 'load_model_dir', 'cam_layer', 'grad_cam', 'softmax_t', 'energy_score']
 
 # %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform
@@ -269,6 +269,26 @@ def load_model_dir(model_dir:Path|str, # a folder written by `save_model_dir`
     state = {k: (v.float() if v.is_floating_point() else v) for k,v in load_file(str(model_dir/'model.safetensors')).items()}
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+# %% ../nbs/00_core.ipynb #44ac4cb7
+def cam_layer(model)->'torch.nn.Module':
+    "The layer Grad-CAM looks at: the last block of a fastai vision model's body"
+    import torch.nn as nn
+    layer = model[0][-1]
+    while isinstance(layer, nn.Sequential) and len(layer): layer = layer[-1]
+    return layer
+
+def grad_cam(model, # a fastai vision model in eval mode
+             x:np.ndarray, # one preprocessed image, 3×size×size
+             target:int|None=None)->np.ndarray: # class index; default: the top class
+    "Grad-CAM of class `target` for one input, size×size in [0, 1]"
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    dev = next(model.parameters()).device
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(dev)
+    with GradCAM(model=model, target_layers=[cam_layer(model)]) as gc:
+        return gc(input_tensor=xt, targets=None if target is None else [ClassifierOutputTarget(target)])[0]
 
 # %% ../nbs/00_core.ipynb #a4a41351
 def softmax_t(logits:np.ndarray, # N×C logits

@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/crossval.html.md"""
 __all__ = ['DIAGNOSTIC', 'held_out_groups', 'loso_split', 'limit_per_class', 'unseen_summary', 'crossval', 'crossval_table',
            'fold_table', 'format_crossval', 'add_commands']
 
-# %% ../nbs/05b_crossval.ipynb #8c032ca7
+# %% ../nbs/05b_crossval.ipynb #debe717a
 import argparse, json, os, tempfile, time
 from pathlib import Path
 
@@ -16,12 +16,11 @@ import numpy as np
 import pandas as pd
 from .core import *
 from .data import with_sites, SITES
-from .metrics import rate_ci
+from .metrics import rate_ci, group_report
 from . import augment
 from .train import train_model, with_split, read_training_data
-from .external import group_report
 
-# %% ../nbs/05b_crossval.ipynb #90fa8116
+# %% ../nbs/05b_crossval.ipynb #dc42e9d2
 DIAGNOSTIC = ('COVID-19', 'Normal', 'Pneumonia')
 
 def held_out_groups(df:pd.DataFrame, # manifest rows with `label` and `column`
@@ -41,7 +40,7 @@ def loso_split(df:pd.DataFrame, # manifest rows with `split`
     if not inside.any(): raise ValueError(f"no row has {column} == {group!r}")
     return df[~inside], df[inside]
 
-# %% ../nbs/05b_crossval.ipynb #0be580b1
+# %% ../nbs/05b_crossval.ipynb #c76eb0a7
 def limit_per_class(df:pd.DataFrame, # rows with `label` and `split`
                     n:int|None, # training rows kept per class; `None`: all
                     seed:int=42)->pd.DataFrame:
@@ -53,7 +52,7 @@ def limit_per_class(df:pd.DataFrame, # rows with `label` and `split`
     res.attrs = dict(df.attrs)
     return res
 
-# %% ../nbs/05b_crossval.ipynb #fb9457d5
+# %% ../nbs/05b_crossval.ipynb #f871c0db
 def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds`)
                    min_images:int=10)->dict: # a site counts for a class with at least this many images of it
     "Recall per class on unseen sites (site mean and pooled), the COVID-19 false-positive rates, the validation macro F1"
@@ -72,7 +71,7 @@ def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds
             'covid_fpr': fpr, 'valid_macro_f1_mean': float(np.mean([f['valid_macro_f1'] for f in folds])),
             'n_folds': len(folds), 'min_images': min_images}
 
-# %% ../nbs/05b_crossval.ipynb #5b172aaa
+# %% ../nbs/05b_crossval.ipynb #419f19d2
 def _relative(paths, root)->list:
     return [os.path.relpath(p, root) if root else Path(p).name for p in paths]
 
@@ -133,7 +132,7 @@ def _line(f:dict)->str:
     "One fold in a line: the recall of each class present on the held-out group"
     return ', '.join(f"{l} {r['value']:.2f} (n={r['n']})" for l, r in f['unseen']['recall'].items())
 
-# %% ../nbs/05b_crossval.ipynb #3aa057fe
+# %% ../nbs/05b_crossval.ipynb #7ec23026
 def crossval_table(report:dict)->pd.DataFrame:
     "One row per recipe: recall on unseen sites per class (site mean), their mean, COVID-19 false positives, validation macro F1"
     rows = {}
@@ -157,7 +156,7 @@ def format_crossval(report:dict)->str:
     return '\n'.join([f"Leave one {report['hold_out']} out: {', '.join(report['groups'])}", '',
                       fold_table(report).to_string(**pd_opts), '', crossval_table(report).to_string(**pd_opts)])
 
-# %% ../nbs/05b_crossval.ipynb #eb64c903
+# %% ../nbs/05b_crossval.ipynb #c0e88968
 def _run_crossval(args):
     r = crossval(args.data, hold_out=args.hold_out, recipes=args.recipe or ['robust', 'paper'], groups=args.groups,
                  arch=args.arch, size=args.size, epochs=args.epochs, freeze_epochs=args.freeze_epochs, bs=args.bs,

@@ -270,22 +270,10 @@ class Predictor:
             else: probs[i] = [pred.probs[l] for l in self.labels]
         return probs
 
-    def cam_layer(self):
-        "The layer Grad-CAM looks at: the last block of the network's body"
-        import torch.nn as nn
-        layer = self.model[0][-1]
-        while isinstance(layer, nn.Sequential) and len(layer): layer = layer[-1]
-        return layer
-
     def gradcam(self, x:np.ndarray, # one preprocessed image, 3×size×size
                 target:int|None=None)->np.ndarray: # class index; default: the top class
-        "Grad-CAM (size×size, in [0, 1]) of class `target`, computed with torch"
-        import torch
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
-        with GradCAM(model=self.model, target_layers=[self.cam_layer()]) as gc:
-            return gc(input_tensor=xt, targets=None if target is None else [ClassifierOutputTarget(target)])[0]
+        "Grad-CAM (size×size, in [0, 1]) of class `target`, computed with torch (`core.grad_cam`)"
+        return grad_cam(self.model, x, target)
 
 # %% ../nbs/06_inference.ipynb #c638133b
 def overlay(img:Image.Image, # the radiograph, any mode

@@ -6,12 +6,14 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/metrics.html.md"""
 
 # %% auto #0
 __all__ = ['encode_labels', 'auroc_ci', 'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error',
-           'compute_metrics', 'rate_ci', 'metrics_table', 'format_metrics', 'plot_confusion_matrix', 'plot_roc',
-           'plot_reliability']
+           'compute_metrics', 'rate_ci', 'group_report', 'format_groups', 'metrics_table', 'format_metrics',
+           'plot_confusion_matrix', 'plot_roc', 'plot_reliability']
 
 # %% ../nbs/04_metrics.ipynb #ce22e646
 import numpy as np
+import pandas as pd
 from .core import *
+from .data import with_sites
 
 # %% ../nbs/04_metrics.ipynb #d53b6bf8
 def encode_labels(y_true, # label names (or integer indices into `labels`)
@@ -134,6 +136,38 @@ def rate_ci(k:int, n:int)->dict:
     from scipy.stats import binomtest
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method='wilson')
     return {'value': k / n, 'ci95': [float(ci.low), float(ci.high)], 'k': int(k), 'n': int(n)}
+
+# %% ../nbs/04_metrics.ipynb #d9795bbc
+def group_report(df:pd.DataFrame, # rows with `label` and the `column`, as `probs`
+                 probs:np.ndarray, # N×C probabilities
+                 labels:list, # columns of `probs`
+                 column:str)->dict: # group -> `n`, `recall` and `called_covid` per class present (`rate_ci`)
+    "Per-class recall and the share called COVID-19, within each value of `column`"
+    if column == 'site': df = with_sites(df)
+    if column not in df: raise ValueError(f"cannot group by {column!r}: the data has columns {', '.join(df.columns)}")
+    pred = np.asarray(labels)[np.asarray(probs).argmax(1)]
+    res = {}
+    for g, idx in df.reset_index(drop=True).groupby(df[column].fillna('').astype(str).values, sort=True).indices.items():
+        y, p = df.label.values[idx], pred[idx]
+        present = [l for l in labels if (y == l).any()]
+        res[g] = {'n': int(len(idx)),
+                  'recall': {l: rate_ci(int((p[y == l] == l).sum()), int((y == l).sum())) for l in present},
+                  'called_covid': {l: rate_ci(int((p[y == l] == 'COVID-19').sum()), int((y == l).sum())) for l in present}}
+    return res
+
+def format_groups(groups:dict, # `group_report`
+                  labels=LABELS, column:str='group')->str:
+    "`group_report` as a text table: n, then recall (and, for Normal and Pneumonia, the share called COVID-19)"
+    def cell(g, l):
+        r = g['recall'].get(l)
+        if r is None: return '–'
+        c = g['called_covid'][l]['value'] if l in ('Normal', 'Pneumonia') else None
+        return f"{r['value']:.2f}" + (f" ({c:.0%} C)" if c is not None else '')
+    rows = [[str(k), str(g['n'])] + [cell(g, l) for l in labels] for k, g in groups.items()]
+    head = [column, 'n'] + [f"{l} recall" for l in labels]
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = lambda r: '  '.join(v.ljust(w[i]) if i == 0 else v.rjust(w[i]) for i, v in enumerate(r))
+    return '\n'.join([fmt(head)] + [fmt(r) for r in rows] + ['(n% C): share of that class called COVID-19'])
 
 # %% ../nbs/04_metrics.ipynb #818d3a67
 def metrics_table(m:dict # the result of `compute_metrics`

@@ -97,6 +97,63 @@ def _provenance(td:dict|pd.DataFrame|None)->str:
     t = pd.DataFrame(td['sources']).set_index('source_repo')
     return t.sort_values('images', ascending=False).to_markdown()
 
+def _recipe_lines(r:dict)->list:
+    "The recipe's input rule and augmentation, as card lines"
+    c, st = r.get('contrast'), r.get('settings') or {}
+    lines = [f"- recipe: `{r['name']}`"] if r.get('name') else []
+    if st.get('lung_crop') is not None: lines.append(f"- input cut to the lung fields (`lungs.model_view`, margin {st['lung_crop']:g})")
+    if st.get('equalize'): lines.append('- histogram equalisation of every input')
+    lines.append(f"- contrast augmentation {c['lo']}–{c['hi']} (p={c['p']})" if c else '- no contrast augmentation')
+    aug = [n for n, on in (('rotation ±10°, zoom up to 1.2×, warp', st.get('affine')), ('brightness and contrast', st.get('lighting')),
+                           (f"downscale-upscale of {st.get('downscale', 0):.0%} of the images", st.get('downscale'))) if on]
+    if aug: lines.append(f"- augmentation: {'; '.join(aug)}")
+    if st.get('label_smoothing'): lines.append(f"- label smoothing {st['label_smoothing']:g}")
+    return lines
+
+def _row(cells:list)->str: return '| ' + ' | '.join(cells) + ' |'
+
+def _sites_section(metrics:dict, labels:list)->list:
+    "Validation recall per site (`metrics['by_site']`)"
+    bs = metrics.get('by_site')
+    if not bs: return []
+    rec = lambda g, l: _fmt(g['recall'][l]['value']) + f" ({g['recall'][l]['n']})" if l in g['recall'] else '–'
+    cov = lambda g: _fmt(g['called_covid']['Normal']['value'], True) if 'Normal' in g['called_covid'] else '–'
+    return ['## Validation results per site',
+            'Recall per class (images) on the validation images of each site (`data.SITES`). Every site was also in training, '
+            'so this is not what a new hospital gets: see the leave-one-site-out results below.', '',
+            _row(['site', 'n'] + [f'{l} recall' for l in labels] + ['Normal called COVID-19']), '|---' * (len(labels) + 3) + '|',
+            *[_row([k, str(g['n'])] + [rec(g, l) for l in labels] + [cov(g)]) for k, g in bs.items()], '']
+
+def _crossval_section(metrics:dict)->list:
+    "The leave-one-site-out summary of each recipe (`metrics['crossval']`)"
+    cv = metrics.get('crossval')
+    if not cv: return []
+    st = cv['settings']
+    cls = ('COVID-19', 'Normal', 'Pneumonia')
+    lines = ['## Leave-one-site-out: sites never seen in training',
+             f"Each recipe trained without one site and scored on it, for every site ({', '.join(cv['groups'])}); "
+             f"run {cv.get('run', '')}: {st['arch']} at {st['size']} px, {st['freeze_epochs']} + {st['epochs']} epochs, "
+             f"{'ImageNet weights' if st['pretrained'] else 'from random weights'}"
+             + (f", at most {st['per_class']} training images per class" if st.get('per_class') else '')
+             + '. Recall is the mean over the held-out sites with at least '
+             f"{next(iter(cv['summary'].values()))['min_images']} images of the class.", '',
+             _row(['recipe'] + [f'{l} recall' for l in cls] + ['mean', 'Normal called COVID-19', 'Pneumonia called COVID-19',
+                                                           'validation macro F1 (seen sites)']), '|---' * 8 + '|']
+    for name, s in cv['summary'].items():
+        lines.append(_row([name] + [_fmt(s['recall'][l]['site_mean']) for l in cls] + [_fmt(s['mean_unseen_recall'])]
+                          + [_ci(s['covid_fpr'][l], True) for l in ('Normal', 'Pneumonia')] + [_fmt(s['valid_macro_f1_mean'])]))
+    return lines + ['']
+
+def _lung_share_section(metrics:dict)->list:
+    "Share of the Grad-CAM mass inside the lung fields, per class (`metrics['gradcam_lung_share']`)"
+    ls = metrics.get('gradcam_lung_share')
+    if not ls: return []
+    return ['## Where the model looks',
+            'Share of the Grad-CAM mass (top class) that falls inside the lung fields found by `lungs`, on validation images '
+            f"of each class; the lung fields cover {_fmt(ls['_lung_area']['mean'], True)} of the input on average, the share an "
+            'evenly spread map would have.', '', '| class | mean share | median | images |', '|---|---|---|---|',
+            *[_row([l, _fmt(v['mean']), _fmt(v['median']), str(v['n'])]) for l, v in ls.items() if not l.startswith('_')], '']
+
 def model_card_markdown(meta:dict, # the model's meta.json
                         metrics:dict, # the model's metrics.json (validation metrics, `shortcut`, `history`)
                         training_data:dict|pd.DataFrame|None=None, # `training_data_summary` of its training data (or the manifest)
@@ -128,8 +185,8 @@ def model_card_markdown(meta:dict, # the model's meta.json
         f"- epochs: {meta.get('freeze_epochs')} frozen + {meta.get('epochs')} unfrozen, "
         f"discriminative learning rates {r.get('lr_min')}..{r.get('lr_max')} ({r.get('schedule', 'one-cycle')}), batch size {r.get('bs')}, "
         f"mixed precision: {'yes' if r.get('mixed_precision') else 'no'}",
-        f"- contrast augmentation {(r.get('contrast') or {}).get('lo')}–{(r.get('contrast') or {}).get('hi')} (p={(r.get('contrast') or {}).get('p')}); "
-        f"classes balanced to {r.get('balance')} training images",
+        *_recipe_lines(r),
+        f"- classes balanced to {r.get('balance')} training images",
         f"- trained on: {run.get('device', 'unknown')} in {run.get('train_seconds', '–')} s; seed {meta.get('seed')}",
         f"- calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split, so the calibration "
         "error below, measured on the same split, is optimistic",
@@ -137,7 +194,7 @@ def model_card_markdown(meta:dict, # the model's meta.json
         f"(the {ood.get('percentile', 95):g}th percentile of the validation images that are not Not Certain); the energy rule "
         f"alone flags {_fmt(ood.get('not_certain_flagged'), True)} of the Not Certain validation images, so the trained class does most of the rejecting",
         f"- differences from the paper's recipe: {'' if meta.get('imagenet_pretrained') else 'no ImageNet weights (random initialisation); '}"
-        f"{p.get('reduced') or 'nothing else'}",
+        f"{'' if r.get('name', 'paper') == 'paper' else 'the ' + r['name'] + ' recipe above; '}{p.get('reduced') or 'nothing else'}",
         *([f"- the validation loss was not finite after {len(bad)} epoch(s) ({bad_epochs}: a mixed-precision "
             "overflow in evaluation); training went on and later epochs were finite"] if bad else []), '',
         f"## Validation metrics (patient-level validation split, n = {metrics.get('n')})",
@@ -161,14 +218,16 @@ def model_card_markdown(meta:dict, # the model's meta.json
     lines += ['', 'COVID-19 false-positive rate on Normal films (Wilson 95% CI):',
               f"- adult Normal: {_ci(sc.get('covid_fpr_normal_adult'), True)} of {sc.get('covid_fpr_normal_adult', {}).get('n', 0)}",
               f"- pediatric Normal: {_ci(sc.get('covid_fpr_normal_pediatric'), True)} of {sc.get('covid_fpr_normal_pediatric', {}).get('n', 0)}", '',
+              *_sites_section(metrics, labels), *_crossval_section(metrics), *_lung_share_section(metrics),
               '## Known failure modes',
               '- **Shortcut learning.** Age, body habitus, source and burned-in markers separate the classes in the training data; '
               'the adult/pediatric numbers above show how much of the accuracy survives within one age group.',
               '- **No external validation here.** The validation split shares sources (hospitals, devices, publications) with training; '
               'performance on an independent hospital will be lower.',
-              '- **Not Certain is narrow.** It was trained on lateral films, CT, MRI and photos only. Radiographs of other body parts '
-              '(a tibia, a hand) and poor frontal films rely on the out-of-distribution score, which is weak for a model trained '
-              'from scratch: such images can receive a confident verdict.',
+              '- **Not Certain is narrow.** It was trained on lateral films, CT, MRI and photos only. Before the model answers, a '
+              'lung-field check (`lungs.check_lungs`) refuses images without two plausible lung fields, and the DICOM header '
+              'refuses other body parts and lateral views; a radiograph of another body part that passes both relies on the '
+              'out-of-distribution score, which is weak for a model trained from scratch, and can receive a confident verdict.',
               '- **Labels are noisy.** NIH labels were mined from reports; BIMCV COVID-19 positives include normal-looking films.',
               '- **Calibration** holds for the validation distribution only.', '']
     return '\n'.join(lines)

@@ -7,7 +7,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/train.html.md"""
 # %% auto #0
 __all__ = ['CONTRAST', 'read_training_data', 'with_split', 'RadiographLoader', 'make_dataloaders', 'PretrainedWeightsUnavailable',
            'imagenet_state_dict', 'local_state_dict', 'load_body_weights', 'nll', 'fit_temperature', 'ood_threshold',
-           'manifest_sha1', 'train_model', 'add_commands']
+           'manifest_sha1', 'cam_lung_shares', 'crossval_summary', 'train_model', 'add_commands']
 
 # %% ../nbs/03_train.ipynb #905e18b0
 import argparse, json, os, tempfile, time
@@ -21,7 +21,8 @@ from .core import *
 # %% ../nbs/03_train.ipynb #93728e8e
 from .data import read_dataset, read_radiograph, split_groups, assign_split
 from . import augment
-from .lungs import model_view, file_lung_fields, default_segmenter_dir
+from .lungs import model_view, file_lung_fields, default_segmenter_dir, lung_probs, lung_input, lung_share, segmenter
+from .metrics import group_report
 from .model_card import model_card_markdown, shortcut_checks, training_data_summary
 
 def read_training_data(data # a path `data.read_dataset` reads, or its DataFrame
@@ -172,6 +173,35 @@ def manifest_sha1(df:pd.DataFrame)->str:
                       df.get('split', pd.Series([''] * len(df))).fillna('').astype(str)))
     return hashlib.sha1('\n'.join(','.join(r) for r in rows).encode()).hexdigest()
 
+# %% ../nbs/03_train.ipynb #aeee0ea1
+def cam_lung_shares(model, # the trained network (eval mode)
+                    df:pd.DataFrame, # validation rows
+                    size:int, prepare_size:int|None, r:dict, # input size, prepare size and recipe of the model
+                    per_class:int=50, # images per class
+                    seed:int=42)->dict: # class -> mean/median/n, and `_lung_area`
+    "Share of the Grad-CAM mass inside the lung fields, per diagnostic class, on a seeded sample"
+    rows = df[df.label != NOT_CERTAIN].sample(frac=1, random_state=seed).groupby('label').head(per_class)
+    shares, areas = {}, []
+    for p, lab in zip(rows.path, rows.label):
+        fields = file_lung_fields(p, prepare_size) if r['lung_crop'] is not None else None
+        view = model_view(read_radiograph(p), prepare_size, r['equalize'], r['lung_crop'], fields)
+        prob = lung_probs(segmenter(), lung_input(view))
+        shares.setdefault(lab, []).append(lung_share(grad_cam(model, model_input(view, size)), prob))
+        areas.append(float((prob > 0.5).mean()))
+    num = lambda f, v: None if np.isnan(v).all() else float(f(v))  # a map with no mass (an untrained model) has no share
+    res = {l: {'mean': num(np.nanmean, v), 'median': num(np.nanmedian, v), 'n': len(v)} for l, v in sorted(shares.items())}
+    return {**res, '_lung_area': {'mean': float(np.mean(areas)) if areas else None, 'n': len(areas)}}
+
+def crossval_summary(report:dict|Path|str)->dict:
+    "What a model folder keeps of a leave-one-site-out report (`crossval.crossval`, or its `crossval.json`)"
+    name = None
+    if not isinstance(report, dict):
+        name = Path(report).parent.name
+        report = json.loads(Path(report).read_text())
+    st = {k: v for k, v in report['settings'].items() if k != 'recipes'}
+    return {'run': name, 'hold_out': report['hold_out'], 'groups': report['groups'], 'settings': st,
+            'summary': report['summary'], 'created_utc': report.get('created_utc')}
+
 # %% ../nbs/03_train.ipynb #d2fdb1e8
 def _history(learn, stage):
     names = learn.recorder.metric_names[1:-1]
@@ -201,6 +231,8 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 progress:bool=True, # show fastai's progress bar and epoch table
                 dtype:str='float32', # weights in the saved file: 'float32' or 'float16'
                 recipe:str|dict='paper', # `augment.recipe`: 'paper', 'robust', or settings
+                crossval:dict|Path|str|None=None, # a leave-one-site-out report (or its JSON) to keep in metrics and card
+                cam_per_class:int=50, # validation images per class for the Grad-CAM lung share (0: skip)
                )->Path: # the model folder
     "Train a recipe (plus calibration and an OOD threshold) and save a model folder"
     import torch
@@ -268,6 +300,9 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                'history': history}
     if 'age_group' in va:  # the shortcut check: adults and children apart
         metrics['shortcut'] = shortcut_checks(va.reset_index(drop=True), probs, list(LABELS))
+    metrics['by_site'] = group_report(va.reset_index(drop=True), probs, list(LABELS), 'site')
+    if cam_per_class: metrics['gradcam_lung_share'] = cam_lung_shares(model, va, size, prepare_size, r, cam_per_class, seed)
+    if crossval is not None: metrics['crossval'] = crossval_summary(crossval)
     meta = {'arch': arch, 'labels': list(LABELS), 'size': int(size), 'prepare_size': prepare_size,
             'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'head': head,
             'input': {'equalize': r['equalize'], 'lung_crop': r['lung_crop'],

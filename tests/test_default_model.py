@@ -52,16 +52,17 @@ def test_meta_records_recipe_and_calibration(default_dir):
     assert meta['ood']['method'] == 'energy' and np.isfinite(meta['ood']['threshold'])
 
 
-def test_model_card_is_rendered_from_metrics(default_dir, cxr_train):
-    "The shipped card is exactly what the card renderer makes of the shipped meta.json and metrics.json"
-    from cxr_covid_nbdev.data import read_dataset
+def test_model_card_is_rendered_from_metrics(default_dir):
+    "The shipped card is exactly what the card renderer makes of the shipped meta.json, metrics.json and training_data.json"
     from cxr_covid_nbdev.model_card import model_card_markdown
     meta = read_meta(default_dir)
     metrics = json.loads((default_dir/'metrics.json').read_text())
     run_dir, run = _training_run(meta)
     assert json.loads((run_dir/'metrics.json').read_text()) == metrics
     card = (default_dir/'model_card.md').read_text()
-    assert card == model_card_markdown(meta, metrics, read_dataset(cxr_train), run)
+    training_data = json.loads((default_dir/'training_data.json').read_text())
+    assert card == model_card_markdown(meta, metrics, training_data, run)
+    assert sum(s['images'] for s in training_data['sources']) == training_data['n_images'] == sum(run['counts']['All'][k] for k in metrics['labels'])
     assert f"Accuracy {metrics['accuracy']:.3f}" in card and f"macro F1 {metrics['macro_f1']:.3f}" in card
     for label in metrics['labels']:
         assert f"| {label} | {metrics['per_class'][label]['precision']:.3f}" in card.replace('|:', '| ').replace('  ', ' ') \
