@@ -107,3 +107,25 @@ def test_evaluate_refusals(pipeline, tmp_path):
     assert r.returncode == 2 and 'not a model folder' in r.stderr
     r = cli('evaluate', external, '--model', tmp/'model', '--per-class', 0, '--json', tmp_path/'r.json')
     assert r.returncode == 2 and 'per_class' in r.stderr and not (tmp_path/'r.json').exists()
+
+
+def test_evaluate_group_by(pipeline):
+    "`--group-by site` and any manifest column: per-group recall with Wilson intervals, in the JSON and the printed table"
+    tmp, external = pipeline
+    r = cli('evaluate', external, '--model', tmp/'model', '--per-class', 4, '--group-by', 'site', '--json', tmp/'sites.json')
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp/'sites.json').read_text())
+    g = rep['groups']['results']
+    assert rep['groups']['column'] == 'site' and set(g) <= {'guangzhou', 'literature', 'ct', 'mri', 'photos'}
+    assert sum(v['n'] for v in g.values()) == rep['n'] and 'By site:' in r.stdout
+    for name, v in g.items():
+        assert name in r.stdout
+        for l, rc in v['recall'].items():
+            assert rc['ci95'][0] <= rc['value'] <= rc['ci95'][1] and rc['n'] > 0
+    # the recalls follow from the predictions
+    preds = pd.DataFrame(rep['predictions'])
+    preds['pred'] = [LABELS[int(np.argmax(p))] for p in preds.probs]
+    lit = preds[preds.path.str.contains('cohen_|cxnet_') & (preds.label == 'COVID-19')]
+    assert g['literature']['recall']['COVID-19']['k'] == int((lit.pred == 'COVID-19').sum())
+    r = cli('evaluate', external, '--model', tmp/'model', '--per-class', 2, '--group-by', 'source_repo')
+    assert r.returncode == 2 and "cannot group by 'source_repo'" in r.stderr

@@ -29,7 +29,7 @@ def logits_of(model_dir, paths):
 
 def test_model_folder(tiny_model_dir, tiny_training_data):
     d = tiny_model_dir
-    assert sorted(p.name for p in d.iterdir()) == ['meta.json', 'metrics.json', 'model.safetensors', 'model_card.md']
+    assert sorted(p.name for p in d.iterdir()) == ['meta.json', 'metrics.json', 'model.safetensors', 'model_card.md', 'training_data.json']
     assert not list(d.parent.glob('.*partial*'))
     meta = read_meta(d)
     assert meta['labels'] == list(LABELS) and meta['arch'] == 'resnet18' and meta['size'] == 64
