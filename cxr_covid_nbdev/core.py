@@ -7,19 +7,25 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/core.html.md"""
 # %% auto #0
 __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SIZE', 'MANIFEST_COLUMNS', 'MODEL_FILES',
            'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes', 'atomic_write_text',
-           'to_jsonable', 'atomic_write_json', 'atomic_dir', 'shared_data_dir', 'seed_everything', 'library_versions',
-           'utc_timestamp', 'NoModelError', 'default_model_dir', 'default_registry_dir', 'is_model_dir',
-           'production_model_dir', 'resolve_model_dir', 'fit_longest_side', 'model_input', 'create_model',
-           'save_model_dir', 'read_meta', 'load_model_dir', 'cam_layer', 'grad_cam', 'softmax_t', 'energy_score']
+           'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'shared_data_dir', 'seed_everything',
+           'library_versions', 'utc_timestamp', 'NoModelError', 'default_model_dir', 'default_registry_dir',
+           'is_model_dir', 'production_model_dir', 'resolve_model_dir', 'fit_longest_side', 'model_input',
+           'create_model', 'save_model_dir', 'read_meta', 'load_model_dir', 'cam_layer', 'grad_cam', 'softmax_t',
+           'energy_score']
 
 # %% ../nbs/00_core.ipynb #498913ae
-import hashlib, json, os, random, shutil, sys, tempfile, platform
+import hashlib, json, os, random, shutil, sys, tempfile, platform, warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+# fastai.layers decorates two activations with `torch.jit.script` when it is imported, and torch 2.10+
+# deprecates that call: every command that loads fastai printed the FutureWarning. It is fastai's to fix
+# (it does not affect us: we never script anything), so this one message from `torch.jit` is filtered.
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning, module='torch.jit')
 
 # %% ../nbs/00_core.ipynb #ceae6d09
 LABELS = ('COVID-19', 'Normal', 'Not Certain', 'Pneumonia')
@@ -120,6 +126,12 @@ def atomic_dir(target:Path|str, # folder to create; must not exist unless `overw
         fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
+
+# %% ../nbs/00_core.ipynb #0f1651a4
+def rel_path(path:Path|str, # a file or folder
+             root:Path|str|None)->str: # the folder it is written relative to; `None`: keep the name only
+    "`path` relative to `root`, for reports"
+    return os.path.relpath(path, root) if root else Path(path).name
 
 # %% ../nbs/00_core.ipynb #3e2a5f3e
 def shared_data_dir()->Path:

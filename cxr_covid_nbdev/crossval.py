@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/crossval.html.md"""
 __all__ = ['DIAGNOSTIC', 'held_out_groups', 'loso_split', 'limit_per_class', 'unseen_summary', 'crossval', 'crossval_table',
            'fold_table', 'format_crossval', 'add_commands']
 
-# %% ../nbs/05b_crossval.ipynb #debe717a
+# %% ../nbs/05b_crossval.ipynb #59783ce7
 import argparse, json, os, tempfile, time
 from pathlib import Path
 
@@ -18,9 +18,9 @@ from .core import *
 from .data import with_sites, SITES
 from .metrics import rate_ci, group_report
 from . import augment
-from .train import train_model, with_split, read_training_data
+from .train import train_model, with_split, read_training_data, _segmenter_sha256
 
-# %% ../nbs/05b_crossval.ipynb #dc42e9d2
+# %% ../nbs/05b_crossval.ipynb #9ac9749c
 DIAGNOSTIC = ('COVID-19', 'Normal', 'Pneumonia')
 
 def held_out_groups(df:pd.DataFrame, # manifest rows with `label` and `column`
@@ -40,19 +40,22 @@ def loso_split(df:pd.DataFrame, # manifest rows with `split`
     if not inside.any(): raise ValueError(f"no row has {column} == {group!r}")
     return df[~inside], df[inside]
 
-# %% ../nbs/05b_crossval.ipynb #c76eb0a7
+# %% ../nbs/05b_crossval.ipynb #fe669b4b
 def limit_per_class(df:pd.DataFrame, # rows with `label` and `split`
                     n:int|None, # training rows kept per class; `None`: all
-                    seed:int=42)->pd.DataFrame:
-    "`df` with at most `n` training rows of each class (a seeded sample), every other row kept"
-    if n is None: return df
-    tr = df[df.split == 'train']
-    keep = tr.sample(frac=1, random_state=seed).groupby('label').head(int(n)).index
-    res = df[(df.split != 'train') | df.index.isin(keep)]
+                    seed:int=42,
+                    n_valid:int|None=None)->pd.DataFrame: # validation rows kept per class; `None`: all
+    "`df` with at most `n` training (and `n_valid` validation) rows of each class, a seeded sample"
+    if n is None and n_valid is None: return df
+    keep = []
+    for split, k in (('train', n), ('valid', n_valid)):
+        rows = df[df.split == split]
+        keep.append(rows.index if k is None else rows.sample(frac=1, random_state=seed).groupby('label').head(int(k)).index)
+    res = df[~df.split.isin(['train', 'valid']) | df.index.isin(keep[0].union(keep[1]))]
     res.attrs = dict(df.attrs)
     return res
 
-# %% ../nbs/05b_crossval.ipynb #f871c0db
+# %% ../nbs/05b_crossval.ipynb #c1268f3f
 def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds`)
                    min_images:int=10)->dict: # a site counts for a class with at least this many images of it
     "Recall per class on unseen sites (site mean and pooled), the COVID-19 false-positive rates, the validation macro F1"
@@ -71,14 +74,15 @@ def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds
             'covid_fpr': fpr, 'valid_macro_f1_mean': float(np.mean([f['valid_macro_f1'] for f in folds])),
             'n_folds': len(folds), 'min_images': min_images}
 
-# %% ../nbs/05b_crossval.ipynb #419f19d2
+# %% ../nbs/05b_crossval.ipynb #dc8f58b4
 def _relative(paths, root)->list:
     return [os.path.relpath(p, root) if root else Path(p).name for p in paths]
 
 def _fold(tr:pd.DataFrame, te:pd.DataFrame, group:str, column:str, r:dict, work:Path, train_args:dict)->dict:
     "Train on `tr` with recipe `r`, score `te`: one fold record"
     from cxr_covid_nbdev.inference import Predictor  # inference sits after this notebook
-    model_dir = train_model(tr, work/r['name'].replace('/', '_')/str(group).replace('/', '_'), recipe=r, progress=False, **train_args)
+    model_dir = train_model(tr, work/r['name'].replace('/', '_')/str(group).replace('/', '_'), recipe=r, progress=False,
+                            cam_per_class=0, **train_args)
     pr = Predictor(model_dir, backend='torch', check_lungs=False)
     probs = pr.predict_paths(te.path.tolist())
     ok = ~np.isnan(probs).any(1)
@@ -102,6 +106,7 @@ def crossval(data, # a data set `data.read_dataset` reads, or its DataFrame
              freeze_epochs:int=1, # frozen epochs first
              bs:int=32, # batch size
              per_class:int|None=None, # training images per class kept (`limit_per_class`); `None`: all
+             valid_per_class:int|None=None, # validation images per class kept; `None`: all
              balance:int|str|None='max', # oversampling of the training classes (`train_model`)
              pretrained:bool=True, # ImageNet weights (an error if unavailable: pass False to train from scratch)
              seed:int=42,
@@ -119,12 +124,13 @@ def crossval(data, # a data set `data.read_dataset` reads, or its DataFrame
         work = Path(models_dir) if models_dir else Path(tmp)
         for g in groups:
             tr, te = loso_split(df, hold_out, g)
-            tr = limit_per_class(tr, per_class, seed)
+            tr = limit_per_class(tr, per_class, seed, valid_per_class)
             for r in rs:
                 folds.append(_fold(tr, te, g, hold_out, r, work, train_args))
                 if progress: print(f"{r['name']} without {g}: {_line(folds[-1])}", flush=True)
     return {'hold_out': hold_out, 'groups': groups, 'sites': SITES if hold_out == 'site' else None,
-            'settings': {**train_args, 'per_class': per_class, 'recipes': rs}, 'folds': folds,
+            'settings': {**train_args, 'per_class': per_class, 'valid_per_class': valid_per_class, 'recipes': rs,
+                         'lung_segmenter': _segmenter_sha256()}, 'folds': folds,
             'summary': {r['name']: unseen_summary([f for f in folds if f['recipe'] == r['name']]) for r in rs},
             'seconds': round(time.time() - t0, 1), 'versions': library_versions(), 'created_utc': utc_timestamp()}
 
@@ -132,7 +138,7 @@ def _line(f:dict)->str:
     "One fold in a line: the recall of each class present on the held-out group"
     return ', '.join(f"{l} {r['value']:.2f} (n={r['n']})" for l, r in f['unseen']['recall'].items())
 
-# %% ../nbs/05b_crossval.ipynb #7ec23026
+# %% ../nbs/05b_crossval.ipynb #c0813a86
 def crossval_table(report:dict)->pd.DataFrame:
     "One row per recipe: recall on unseen sites per class (site mean), their mean, COVID-19 false positives, validation macro F1"
     rows = {}
@@ -156,11 +162,12 @@ def format_crossval(report:dict)->str:
     return '\n'.join([f"Leave one {report['hold_out']} out: {', '.join(report['groups'])}", '',
                       fold_table(report).to_string(**pd_opts), '', crossval_table(report).to_string(**pd_opts)])
 
-# %% ../nbs/05b_crossval.ipynb #c0e88968
+# %% ../nbs/05b_crossval.ipynb #951ffbc9
 def _run_crossval(args):
     r = crossval(args.data, hold_out=args.hold_out, recipes=args.recipe or ['robust', 'paper'], groups=args.groups,
                  arch=args.arch, size=args.size, epochs=args.epochs, freeze_epochs=args.freeze_epochs, bs=args.bs,
-                 per_class=args.per_class, pretrained=args.pretrained, seed=args.seed, progress=not args.quiet)
+                 per_class=args.per_class, valid_per_class=args.valid_per_class, pretrained=args.pretrained, seed=args.seed,
+                 progress=not args.quiet)
     print(format_crossval(r))
     if args.json: atomic_write_json(args.json, r); print(f"Wrote {args.json}")
 
@@ -180,6 +187,7 @@ def add_commands(subparsers:argparse._SubParsersAction):
     p.add_argument('--freeze-epochs', type=int, default=1, help='frozen epochs first (default: 1)')
     p.add_argument('--bs', type=int, default=32, help='batch size (default: 32)')
     p.add_argument('--per-class', type=int, default=None, metavar='N', help='training images per class (default: all)')
+    p.add_argument('--valid-per-class', type=int, default=None, metavar='N', help='validation images per class (default: all)')
     p.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='train from random weights')
     p.add_argument('--seed', type=int, default=42, help='seed (default: 42)')
     p.add_argument('--json', metavar='OUT', default=None, help='write the report (with every prediction) as JSON')

@@ -31,22 +31,24 @@ def sample_per_class(df:pd.DataFrame, # manifest rows with `label`
 # %% ../nbs/05_external.ipynb #18b6b8c2
 def training_duplicates(paths:list, # the evaluation images
                         train_manifest, # what `data.read_dataset` reads (or its DataFrame), or `None`
+                        root:Path|str|None=None, # the evaluation data's root, for the paths written
                        )->dict|None: # `count`, `images` (with a twin), `images_by_split` (the twin's split), `pairs`
     "Near-duplicate pairs between `paths` and the training images (`data.near_duplicates`)"
     if train_manifest is None: return None
     tdf = train_manifest if isinstance(train_manifest, pd.DataFrame) else read_dataset(train_manifest)
     pairs = near_duplicates(list(paths), tdf.path.tolist())
     split = dict(zip(tdf.path, tdf['split'].fillna('').astype(str) if 'split' in tdf else [''] * len(tdf)))
+    troot = tdf.attrs.get('root')
     pairs['split'] = [split[b] for b in pairs.b]
     return {'count': int(len(pairs)), 'images': int(pairs.a.nunique()) if len(pairs) else 0,
             'images_by_split': {s: int(g.a.nunique()) for s, g in pairs.groupby('split')},
-            'train_manifest': None if isinstance(train_manifest, pd.DataFrame) else str(train_manifest),
-            'pairs': [{'image': a, 'train_image': b, 'split': s, 'distance': int(d)}
+            'train_manifest': None if isinstance(train_manifest, pd.DataFrame) else Path(train_manifest).name,
+            'pairs': [{'image': rel_path(a, root), 'train_image': rel_path(b, troot), 'split': s, 'distance': int(d)}
                       for a, b, s, d in zip(pairs.a, pairs.b, pairs.split, pairs.distance)]}
 
 # %% ../nbs/05_external.ipynb #d2ef7529
 def _model_info(model_dir:Path, meta:dict)->dict:
-    return {'dir': str(model_dir), 'version': meta.get('version') or meta['sha256'][:12], 'sha256': meta['sha256'],
+    return {'dir': Path(model_dir).name, 'version': meta.get('version') or meta['sha256'][:12], 'sha256': meta['sha256'],
             'arch': meta['arch'], 'size': meta['size'], 'imagenet_pretrained': meta.get('imagenet_pretrained'),
             'manifest_sha1': meta.get('manifest_sha1'), 'temperature': meta.get('temperature')}
 
@@ -60,7 +62,7 @@ def evaluate_model(model, # a model folder; `None`: the production model, else t
                    n_boot:int=1000, # bootstrap resamples of the AUROC intervals
                    group_by:str|None=None, # a manifest column (or `site`): results per group in `groups`
                   )->dict: # JSON-ready report
-    "Metrics of `model` on a per-class sample of `data`, with near-duplicates of the training data"
+    "Metrics of `model` on a per-class sample of `data`, with near-duplicates of the training data (paths relative to the data root)"
     from cxr_covid_nbdev.inference import Predictor
     pr = Predictor(resolve_model_dir(model))
     df = data if isinstance(data, pd.DataFrame) else read_dataset(data)
@@ -75,13 +77,14 @@ def evaluate_model(model, # a model folder; `None`: the production model, else t
     if not ok.any(): raise ValueError(f"{data}: none of the {len(s)} sampled images could be read")
     res = compute_metrics(s.label[ok].tolist(), probs[ok], labels=pr.labels, n_boot=n_boot, seed=seed)
     if group_by: res['groups'] = {'column': group_by, 'results': group_report(s[ok], probs[ok], pr.labels, group_by)}
-    res['duplicates_with_training'] = training_duplicates(s.path[ok], train_manifest)
+    root = df.attrs.get('root')
+    res['duplicates_with_training'] = training_duplicates(s.path[ok], train_manifest, root)
     res['model'] = _model_info(pr.model_dir, pr.meta)
-    res['data'] = {'source': None if isinstance(data, pd.DataFrame) else str(data), 'per_class': per_class, 'seed': seed,
+    res['data'] = {'source': None if isinstance(data, pd.DataFrame) else Path(data).name, 'per_class': per_class, 'seed': seed,
                    'available': df.label.value_counts().reindex(pr.labels, fill_value=0).to_dict(),
                    'counts': s.label[ok].value_counts().reindex(pr.labels, fill_value=0).to_dict(),
-                   'unreadable': [{'path': p, 'reason': r} for p, r in pr.failures]}
-    res['predictions'] = [{'path': p, 'label': l, 'probs': [float(v) for v in row]}
+                   'unreadable': [{'path': rel_path(p, root), 'reason': r} for p, r in pr.failures]}
+    res['predictions'] = [{'path': rel_path(p, root), 'label': l, 'probs': [float(v) for v in row]}
                           for p, l, row in zip(s.path[ok], s.label[ok], probs[ok])]
     res['versions'] = library_versions()
     res['created_utc'] = utc_timestamp()

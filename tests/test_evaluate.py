@@ -60,20 +60,23 @@ def test_end_to_end(pipeline):
     assert rep['model']['sha256'] == meta['sha256'] and rep['model']['arch'] == 'resnet18'
     # the sample is the seeded one
     ext = read_dataset(external)
-    assert sorted(p['path'] for p in rep['predictions']) == sorted(sample_per_class(ext, 5, seed=3).path)
+    root = Path(ext.attrs['root'])  # paths in reports are relative to the data root
+    assert not any(Path(p['path']).is_absolute() for p in rep['predictions'])
+    assert sorted(str((root/p['path']).resolve()) for p in rep['predictions']) == sorted(sample_per_class(ext, 5, seed=3).path)
     # every number is scikit-learn's on the reported predictions
     y = [p['label'] for p in rep['predictions']]
     probs = np.array([p['probs'] for p in rep['predictions']])
     check_against_sklearn(rep, y, probs, n_boot=1000, seed=3)
     # and the predictions are the model's: read, shrink to prepare_size, squish, temperature-scaled softmax
     net, m = load_model_dir(model)
-    x = torch.from_numpy(np.stack([model_input(fit_longest_side(read_radiograph(p['path']), 96), 64) for p in rep['predictions']]))
+    x = torch.from_numpy(np.stack([model_input(fit_longest_side(read_radiograph(root/p['path']), 96), 64) for p in rep['predictions']]))
     with torch.no_grad(): ref = softmax_t(net(x).numpy(), m['temperature'])
     assert np.allclose(probs, ref, atol=1e-4)
     # the evaluation images are not the training images
     dup = rep['duplicates_with_training']
     train_paths = set(read_dataset(tmp/'prep').path)
-    assert all(d['train_image'] in train_paths and d['image'] in set(p['path'] for p in rep['predictions']) for d in dup['pairs'])
+    assert all(str(tmp/'prep'/d['train_image']) in train_paths and d['image'] in set(p['path'] for p in rep['predictions']) for d in dup['pairs'])
+    assert dup['train_manifest'] == 'prep'
     assert dup['count'] == len(dup['pairs'])
     assert set(dup['images_by_split']) <= {'train', 'valid'} and sum(dup['images_by_split'].values()) >= dup['images']
 
@@ -86,7 +89,7 @@ def test_evaluating_on_training_images_finds_them(pipeline):
     assert dup['images'] == rep['n'] == 8
     prep = read_dataset(tmp/'prep')
     split_of = dict(zip(prep.path, prep.split))
-    assert all(d['split'] == split_of[d['train_image']] for d in dup['pairs'])
+    assert all(d['split'] == split_of[str(tmp/'prep'/d['train_image'])] for d in dup['pairs'])
 
 
 def test_unreadable_images_are_reported_not_scored(pipeline, tmp_path):
@@ -96,7 +99,7 @@ def test_unreadable_images_are_reported_not_scored(pipeline, tmp_path):
     bad.write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
     df = pd.concat([df, pd.DataFrame([{'path': str(bad), 'label': 'Normal', 'patient_id': ''}])], ignore_index=True)
     rep = evaluate_model(tmp/'model', subset_csv(df, tmp_path/'m.csv'), n_boot=20)
-    assert rep['n'] == 8 and [u['path'] for u in rep['data']['unreadable']] == [str(bad)]
+    assert rep['n'] == 8 and [u['path'] for u in rep['data']['unreadable']] == ['broken.jpg']
 
 
 def test_evaluate_refusals(pipeline, tmp_path):
