@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from .core import *
-from .data import read_radiograph, UnreadableImage, IMAGE_SUFFIXES
+from .data import read_radiograph, UnreadableImage, IMAGE_SUFFIXES, quality_reason
 from .lungs import LungFields, lung_fields, lung_probs, lung_input, lung_reason, model_view, segmenter, lung_share
 
 # %% ../nbs/06_inference.ipynb #6dd14c27
@@ -134,7 +134,7 @@ def decide(logits:np.ndarray, # one row of raw logits
            ood_threshold:float|None=None, # energy above which the image is out of distribution
            cam=None, # Grad-CAM map to keep with the prediction
            header:str|None=None, # a reason from the DICOM header (`header_reason`) to abstain
-           lungs:str|None=None, # a reason from the lung check (`lungs.lung_reason`) to abstain
+           lungs:str|None=None, # a reason from the input checks (`data.quality_reason`, `lungs.lung_reason`) to abstain
            lung_prob:np.ndarray|None=None)->Prediction: # the lung map to keep with the prediction
     "Turn one image's logits into a `Prediction`, abstaining when the model should"
     logits = np.asarray(logits, dtype=np.float64)
@@ -156,10 +156,10 @@ def _reason(e:Exception)->str:
 
 def model_inputs(img:Image.Image, # a radiograph as `read_radiograph` gives it
                  pre:Preprocess, # the model's preprocessing
-                 check_lungs:bool=True)->tuple: # (3×size×size array, header reason, lung reason, lung probability map)
+                 check_lungs:bool=True)->tuple: # (3×size×size array, header reason, quality or lung reason, lung probability map)
     "Everything a prediction needs from one image: the network input and the reasons to refuse it"
     fields = lung_fields(lung_probs(segmenter(), lung_input(pre.shrink(img)))) if check_lungs or pre.lung_crop is not None else None
-    reason = lung_reason(fields) if check_lungs else None
+    reason = quality_reason(img) or (lung_reason(fields) if check_lungs else None)
     return pre(img, fields), header_reason(img), reason, None if fields is None else fields.prob
 
 class _Radiographs:

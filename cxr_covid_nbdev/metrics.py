@@ -106,7 +106,7 @@ def compute_metrics(y_true, # true labels (names, or indices into `labels`)
                     n_boot:int=1000, # bootstrap resamples for the AUROC intervals
                     seed:int=42)->dict: # JSON-friendly metrics
     "Table-1 metrics per class, averages, confusion matrix, AUROC with 95% CIs, COVID sensitivity at 95% specificity, ECE"
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
     labels = list(labels)
     y = encode_labels(y_true, labels)
     p = _check_probs(probs, len(y), labels)
@@ -115,12 +115,14 @@ def compute_metrics(y_true, # true labels (names, or indices into `labels`)
     prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=k, zero_division=0)
     wp, wr, wf, _ = precision_recall_fscore_support(y, pred, labels=k, average='weighted', zero_division=0)
     cm = confusion_matrix(y, pred, labels=k)
+    present = k[sup > 0]
     per_class = {l: {'precision': float(prec[i]), 'recall': float(rec[i]), 'f1': float(f1[i]),
                      'accuracy': float(accuracy_score(y == i, pred == i)), 'support': int(sup[i])}
                  for i, l in enumerate(labels)}
     res = {'labels': labels, 'n': int(len(y)),
            'accuracy': float(accuracy_score(y, pred)),
-           'macro_f1': float(f1_score(y, pred, labels=k, average='macro', zero_division=0)),
+           'macro_f1': float(f1[present].mean()) if len(present) else 0.0,  # over the classes in the data
+           'macro_f1_labels': [labels[i] for i in present],
            'weighted': {'precision': float(wp), 'recall': float(wr), 'f1': float(wf)},
            'per_class': per_class, 'confusion_matrix': cm.tolist(),
            'auroc': {l: auroc_ci(y == i, p[:, i], n_boot, seed) for i, l in enumerate(labels)}}
