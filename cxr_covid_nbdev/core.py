@@ -6,12 +6,12 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/core.html.md"""
 
 # %% auto #0
 __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SIZE', 'MANIFEST_COLUMNS', 'MODEL_FILES',
-           'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes', 'atomic_write_text',
-           'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'shared_data_dir', 'seed_everything',
-           'library_versions', 'utc_timestamp', 'NoModelError', 'default_model_dir', 'default_registry_dir',
-           'is_model_dir', 'production_model_dir', 'resolve_model_dir', 'fit_longest_side', 'model_input',
-           'create_model', 'save_model_dir', 'read_meta', 'load_model_dir', 'cam_layer', 'grad_cam', 'softmax_t',
-           'energy_score']
+           'FIX_PRODUCTION', 'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes',
+           'atomic_write_text', 'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'shared_data_dir',
+           'seed_everything', 'library_versions', 'utc_timestamp', 'NoModelError', 'default_model_dir',
+           'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir', 'fit_longest_side',
+           'model_input', 'create_model', 'save_model_dir', 'read_meta', 'load_model_dir', 'check_model_runs',
+           'cam_layer', 'grad_cam', 'softmax_t', 'energy_score']
 
 # %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform, warnings
@@ -184,13 +184,22 @@ def is_model_dir(path:Path|str)->bool:
     "Does `path` hold a model's weights and metadata?"
     return all((Path(path)/f).is_file() for f in MODEL_FILES)
 
+FIX_PRODUCTION = ("`cxr-covid registry rollback` returns to the previous production model "
+                  "(or `cxr-covid registry promote VERSION` picks one)")
+
 def production_model_dir(registry:Path|str|None=None)->Path|None:
-    "The production model's folder in `registry`, or `None` if it has none"
+    "The production model's folder in `registry`, `None` if it has none; `NoModelError` naming the fix if it is broken"
     reg = Path(registry) if registry else default_registry_dir()
     ptr = reg/'production.json'
     if not ptr.is_file(): return None
-    d = reg/json.loads(ptr.read_text())['version']
-    return d if is_model_dir(d) else None
+    try: version = str(json.loads(ptr.read_text())['version'])
+    except Exception as e: raise NoModelError(f"{ptr} is not a valid production pointer ({type(e).__name__}: {e}): {FIX_PRODUCTION}") from None
+    d = reg/version
+    if Path(version).name != version or version in ('', '.', '..') or not d.resolve().is_relative_to(reg.resolve()):
+        raise NoModelError(f"{ptr} names {version!r}, which is not a version inside the registry: {FIX_PRODUCTION}")
+    if not is_model_dir(d):
+        raise NoModelError(f"The production model {d} is missing or incomplete (it needs {' and '.join(MODEL_FILES)}): {FIX_PRODUCTION}")
+    return d
 
 def resolve_model_dir(model:Path|str|None=None, # a model folder; `None` picks production, then the default
                       registry:Path|str|None=None)->Path:
@@ -273,14 +282,28 @@ def load_model_dir(model_dir:Path|str, # a folder written by `save_model_dir`
     from safetensors.torch import load_file
     model_dir = Path(model_dir)
     if not is_model_dir(model_dir): raise NoModelError(f"{model_dir} is not a model folder")
-    meta = read_meta(model_dir)
+    try: meta = read_meta(model_dir)
+    except ValueError as e: raise ValueError(f"{model_dir/'meta.json'} is not valid JSON: {e}") from None
     digest = file_digest(model_dir/'model.safetensors', 'sha256')
     if digest != meta.get('sha256'):
-        raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in meta.json: the file is damaged or was replaced")
+        raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in meta.json: the file is damaged or was "
+                         f"replaced" + (f"; {FIX_PRODUCTION}" if (model_dir.parent/'production.json').is_file() else ''))
     model = create_model(meta['arch'], len(meta['labels']), pretrained=False, **meta.get('head', {}))
     state = {k: (v.float() if v.is_floating_point() else v) for k,v in load_file(str(model_dir/'model.safetensors')).items()}
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+def check_model_runs(model_dir:Path|str)->dict: # its meta
+    "Load a model folder and run one forward pass; a `ValueError` naming the folder if it cannot"
+    import torch
+    try:
+        model, meta = load_model_dir(model_dir)
+        size = int(meta['size'])
+        with torch.inference_mode(): out = model(torch.zeros(1, 3, size, size))
+        if tuple(out.shape) != (1, len(meta['labels'])) or not torch.isfinite(out).all():
+            raise ValueError(f"one forward pass gave {tuple(out.shape)} logits, finite: {bool(torch.isfinite(out).all())}")
+    except Exception as e: raise ValueError(f"{model_dir} cannot be used as a model: {type(e).__name__}: {e}") from None
+    return meta
 
 # %% ../nbs/00_core.ipynb #44ac4cb7
 def cam_layer(model)->'torch.nn.Module':

@@ -292,14 +292,13 @@ def _is_dicom_file(p:Path)->bool:
     except OSError: return False
 
 def find_images(sources:list)->list:
-    "Image and DICOM files in `sources` (files are kept as given; folders are walked, hidden files skipped)"
+    "Image and DICOM files in `sources` (files, even missing ones, are kept as given; folders are walked, hidden files skipped)"
     out = []
     for s in map(Path, sources):
         if s.is_dir():
             out += sorted(p for p in s.rglob('*') if p.is_file() and not any(q.startswith('.') for q in p.relative_to(s).parts)
                           and (p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and _is_dicom_file(p))))
-        elif s.exists(): out.append(s)
-        else: raise FileNotFoundError(f"{s}: no such file or folder")
+        else: out.append(s)  # a file, or a missing path / symlink loop: reported as a failed input, not fatal
     return out
 
 # %% ../nbs/06_inference.ipynb #7b4c4bd9

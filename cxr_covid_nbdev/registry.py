@@ -73,8 +73,9 @@ class Registry:
         return self.root/version
 
     def production(self)->str|None:
-        "The production version's name, or `None`"
-        d = production_model_dir(self.root)
+        "The production version's name, or `None` (also when the pointer is broken: `rollback` then repairs it)"
+        try: d = production_model_dir(self.root)
+        except NoModelError: return None
         return d.name if d is not None else None
 
 # %% ../nbs/07_registry.ipynb #5dc5ad37
@@ -94,10 +95,10 @@ def add(self:Registry,
         note:str='', # a line for the model card and version.json
         source:dict|None=None, # provenance to record (e.g. the retraining run)
         extra_json:dict|None=None)->str: # more JSON files, name -> object (e.g. the evaluation behind a promotion)
-    "Copy `model_dir` into the registry as a new immutable version; its name"
+    "Check that `model_dir` loads and runs, then copy it into the registry as a new immutable version; its name"
     model_dir = Path(model_dir)
     sha = verify_model_dir(model_dir)
-    meta = read_meta(model_dir)
+    meta = check_model_runs(model_dir)  # loads the weights and runs one forward pass: a version must be usable
     if metrics is None and (model_dir/'metrics.json').is_file():
         metrics = json.loads((model_dir/'metrics.json').read_text())
     with self._locked():
@@ -111,7 +112,7 @@ def add(self:Registry,
             else: atomic_write_text(tmp/'model_card.md', _model_card(version, meta, metrics, note))
             for name, obj in (extra_json or {}).items(): atomic_write_json(tmp/name, obj)
             atomic_write_json(tmp/'version.json', {'version': version, 'sha256': sha, 'added_utc': utc_timestamp(),
-                                                   'from': str(model_dir.resolve()), 'note': note, 'source': source or {}})
+                                                   'from': model_dir.name, 'note': note, 'source': source or {}})
             if verify_model_dir(tmp) != sha: raise ValueError(f"Copy of {model_dir} into the registry is damaged")
             for f in tmp.iterdir(): f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     return version
@@ -159,10 +160,16 @@ def promote(self:Registry,
         return self._set_production('promote', version, reason or 'promoted by hand')
 
 @patch
+def _pointed(self:Registry)->str|None:
+    "The version production.json names, unchecked (`None` without a readable pointer)"
+    try: return str(json.loads(self.pointer.read_text())['version'])
+    except Exception: return None
+
+@patch
 def rollback(self:Registry, reason:str='')->dict:
     "Restore the production model that the last promotion replaced; the history entry"
     with self._locked():
-        stack, current = self._stack(), self.production()
+        stack, current = self._stack(), self._pointed()  # as named, even when that version is broken
         if current is None: raise RegistryError(f"The registry {self.root} has no production model to roll back")
         if not stack or stack[-1] != current:
             raise RegistryError(f"production.json names {current} but the history ends with "
@@ -171,6 +178,37 @@ def rollback(self:Registry, reason:str='')->dict:
         target = stack[-2]
         verify_model_dir(self.path(target))
         return self._set_production('rollback', target, reason or f'rollback of {current}')
+
+# %% ../nbs/07_registry.ipynb #c397d464
+def _retrain_running(registry:Path)->bool:
+    "Does a live process hold the retraining lock of `registry`?"
+    lock = registry/'.retrain.lock'
+    if not lock.is_file(): return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError: return True
+        fcntl.flock(fd, fcntl.LOCK_UN); return False
+    finally: os.close(fd)
+
+@patch
+def doctor(self:Registry,
+           runs_dir:Path|str|None=None, # the retraining runs folder to check as well
+           fix:bool=False)->dict: # remove partial folders and mark killed runs
+    "Partial folders left by killed writers, and retraining runs killed before their `run.json`"
+    runs = Path(runs_dir) if runs_dir else None
+    found = lambda d: sorted(p for p in d.glob('.*.partial') if p.is_dir()) if d and d.is_dir() else []
+    partial = found(self.root) + found(runs)
+    killed = sorted(d for d in (runs.iterdir() if runs and runs.is_dir() else [])
+                    if d.is_dir() and not d.name.startswith('.') and (d/'retrain.ipynb').is_file() and not (d/'run.json').exists())
+    res = {'partial': [str(p) for p in partial], 'killed_runs': [str(d) for d in killed], 'fixed': False, 'busy': False}
+    if not fix or not (partial or killed): return res
+    if _retrain_running(self.root): return {**res, 'busy': True}
+    with self._locked():
+        for p in partial: shutil.rmtree(p, ignore_errors=True)
+        for d in killed: atomic_write_json(d/'run.json', {'kind': 'retrain', 'status': 'killed', 'marked_utc': utc_timestamp(),
+                                                          'note': 'killed before it finished; marked by `cxr-covid registry doctor --fix`'})
+    return {**res, 'fixed': True}
 
 # %% ../nbs/07_registry.ipynb #860f214c
 def _summary(metrics:dict)->dict:
@@ -256,11 +294,19 @@ def registry_command(args):
         reg.promote(args.version, args.reason); print(f"production: {args.version}")
     elif args.action == 'rollback':
         e = reg.rollback(args.reason); print(f"production: {e['version']} (was {e['previous']})")
+    elif args.action == 'doctor':
+        r = reg.doctor(args.runs_dir, fix=args.fix)
+        for p in r['partial']: print(f"partial folder: {p}")
+        for d in r['killed_runs']: print(f"run killed before run.json: {d}")
+        if r['busy']: print("a retraining run holds the lock: nothing changed; run doctor again when it has finished")
+        elif r['fixed']: print("fixed: partial folders removed, killed runs marked")
+        elif not (r['partial'] or r['killed_runs']): print("nothing to fix")
+        elif not args.fix: print("run with --fix to remove the partial folders and mark the killed runs")
     return 0
 
 def add_commands(subparsers:argparse._SubParsersAction):
     "Add this module's `cxr-covid` subcommands to `subparsers`"
-    p = subparsers.add_parser('registry', help='list, show, add, promote or roll back model versions',
+    p = subparsers.add_parser('registry', help='list, show, add, promote or roll back model versions; doctor',
                               description='The model registry: immutable versions and the production pointer the dashboard and `predict` use.')
     sub = p.add_subparsers(dest='action', metavar='ACTION'); sub.required = True
     common = argparse.ArgumentParser(add_help=False)
@@ -278,4 +324,7 @@ def add_commands(subparsers:argparse._SubParsersAction):
     s.add_argument('--reason', default='', help='why, recorded in history.jsonl')
     s = sub.add_parser('rollback', parents=[common], help='restore the production model the last promotion replaced')
     s.add_argument('--reason', default='', help='why, recorded in history.jsonl')
+    s = sub.add_parser('doctor', parents=[common], help='list (and with --fix clean) what killed processes left behind')
+    s.add_argument('--runs-dir', type=Path, default=None, metavar='DIR', help='the retraining runs folder to check too')
+    s.add_argument('--fix', action='store_true', help='remove partial folders and mark runs killed before their run.json')
     p.set_defaults(run=registry_command)

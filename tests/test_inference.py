@@ -217,7 +217,7 @@ def test_cli_predict(untrained_dir, cxr_real, tmp_path, dicom_file):
 
 def test_cli_predict_refusals(untrained_dir, tmp_path):
     r = _cli('predict', tmp_path/'nope.png', '--model', untrained_dir)
-    assert r.returncode == 2 and 'no such file' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode == 1 and 'no such file' in r.stderr and 'Traceback' not in r.stderr
     (tmp_path/'empty').mkdir()
     r = _cli('predict', tmp_path/'empty', '--model', untrained_dir)
     assert r.returncode == 2 and 'no image' in r.stderr and 'Traceback' not in r.stderr
@@ -269,3 +269,26 @@ def test_dicom_header_rules_out_other_body_parts(untrained_dir, dicom_file, tmp_
     assert streamed[rg1].reason is None or not streamed[rg1].reason.startswith(ABSTAIN_HEADER)
     png = tmp_path/'tibia.png'; read_radiograph(rg3).save(png)   # the same pixels without a header
     assert pr.predict(png).reason is None or not pr.predict(png).reason.startswith(ABSTAIN_HEADER)
+
+
+def test_cli_predict_goes_on_past_missing_files_and_symlink_loops(untrained_dir, cxr_real, tmp_path):
+    "A missing path or a symlink loop is one failed input: the other files are still predicted, and the status is 1"
+    files, _ = _files(cxr_real, 1)
+    (tmp_path/'loop-a').symlink_to(tmp_path/'loop-b'); (tmp_path/'loop-b').symlink_to(tmp_path/'loop-a')
+    r = _cli('predict', tmp_path/'missing.png', tmp_path/'loop-a', *files, '--model', untrained_dir, '--json')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    recs = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [Path(x['path']).name for x in recs if 'error' in x] == ['missing.png', 'loop-a']
+    assert len([x for x in recs if 'error' not in x]) == len(files)
+
+
+def test_blank_and_tiny_images_are_not_certain(untrained_dir, tmp_path):
+    "All-black, all-white and 1×1 images get Not Certain with the reason, in `predict --json`"
+    from PIL import Image
+    Image.new('L', (2000, 2400), 0).save(tmp_path/'black.png'); Image.new('L', (512, 512), 255).save(tmp_path/'white.png')
+    Image.new('L', (1, 1), 128).save(tmp_path/'dot.png')
+    r = _cli('predict', tmp_path/'black.png', tmp_path/'white.png', tmp_path/'dot.png', '--model', untrained_dir, '--json')
+    assert r.returncode == 0, r.stderr
+    recs = {Path(x['path']).name: x for x in map(json.loads, r.stdout.splitlines())}
+    for name, why in (('black.png', 'nearly uniform'), ('white.png', 'nearly uniform'), ('dot.png', 'too small')):
+        assert recs[name]['label'] == 'Not Certain' and recs[name]['abstained'] and why in recs[name]['reason'], recs[name]

@@ -141,3 +141,49 @@ def test_concurrent_adds_get_distinct_versions(tmp_path, models):
     assert all(p.returncode == 0 for p in ps)
     assert sorted(vs) == Registry(r).versions()
     assert sorted(v[:5] for v in vs) == ['v0001', 'v0002', 'v0003']
+
+
+def test_add_refuses_a_model_that_cannot_load(tmp_path, models):
+    "Weights that are not safetensors, with a matching sha256 in meta.json, are refused by `add`; the registry is unchanged"
+    import shutil
+    bad = tmp_path/'bad'; shutil.copytree(models[0], bad)
+    (bad/'model.safetensors').write_bytes(b'not a safetensors file at all')
+    meta = read_meta(bad); meta['sha256'] = file_digest(bad/'model.safetensors', 'sha256')
+    (bad/'meta.json').write_text(json.dumps(meta))
+    reg = Registry(tmp_path/'reg'); v = reg.add(models[0]); reg.promote(v, 'first')
+    before = snapshot(reg.root)
+    with pytest.raises(ValueError, match='cannot be used as a model'): reg.add(bad)
+    r = cli('registry', 'add', bad, '--promote', '--registry', reg.root)
+    assert r.returncode == 2 and 'cannot be used as a model' in r.stderr
+    assert snapshot(reg.root) == before
+
+
+@pytest.mark.parametrize('damage', ['outside', 'no-meta', 'garbage'])
+def test_broken_production_is_an_error_that_names_the_fix(tmp_path, models, damage, monkeypatch):
+    "A production pointer outside the registry, a production version without meta.json, or an unreadable pointer: no silent fallback"
+    reg = Registry(tmp_path/'reg')
+    v1, v2 = reg.add(models[0]), reg.add(models[1])
+    reg.promote(v1, 'one'); reg.promote(v2, 'two')
+    if damage == 'outside':
+        (tmp_path/'x').mkdir(); shutil_copy = __import__('shutil').copytree(models[2], tmp_path/'x'/'m')
+        reg.pointer.write_text(json.dumps({'version': '../x/m'}))
+    elif damage == 'no-meta':
+        (reg.root/v2/'meta.json').chmod(0o644); (reg.root/v2/'meta.json').unlink()
+    else: reg.pointer.write_text('{not json')
+    monkeypatch.setenv('CXR_COVID_REGISTRY', str(reg.root))
+    with pytest.raises(Exception, match='registry rollback'): resolve_model_dir()
+    r = subprocess.run(['cxr-covid', 'predict', str(models[0]/'meta.json')], capture_output=True, text=True,
+                       env={**os.environ, 'CXR_COVID_REGISTRY': str(reg.root)}, timeout=300)
+    assert r.returncode == 2 and 'registry rollback' in r.stderr and 'Traceback' not in r.stderr
+    if damage == 'no-meta':
+        reg.rollback('v2 lost its meta.json')
+        assert resolve_model_dir() == reg.root/v1
+
+
+def test_doctor_cli(tmp_path, models):
+    reg = Registry(tmp_path/'reg'); reg.add(models[0])
+    (reg.root/'.v0009-x.partial').mkdir()
+    r = cli('registry', 'doctor', '--registry', reg.root)
+    assert r.returncode == 0 and 'partial folder' in r.stdout and '--fix' in r.stdout
+    r = cli('registry', 'doctor', '--registry', reg.root, '--fix')
+    assert r.returncode == 0 and 'fixed' in r.stdout and not list(reg.root.glob('.*.partial'))
