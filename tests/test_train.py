@@ -131,3 +131,30 @@ def test_cli_refusals(cxr_real, tiny_model_dir, tmp_path):
     assert r.returncode == 2 and 'Unknown architecture' in r.stderr and not (tmp_path/'m').exists()
     r = cli('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--weights', tmp_path/'w.pth')
     assert r.returncode == 2  # argparse: --no-pretrained and --weights exclude each other
+
+
+@pytest.mark.slow
+def test_cli_and_papermill_runs_make_the_same_model_folder(tiny_training_data, tmp_path):
+    "`cxr-covid train` and `papermill_runs/train.ipynb` are two shells over `train_model`: same files, same keys"
+    import pandas as pd
+    from cxr_covid_nbdev.data import read_dataset
+    data = tmp_path/'data.csv'
+    tiny_training_data[['path', 'label', 'patient_id', 'split']].to_csv(data, index=False)
+    r = cli('train', data, '--out', tmp_path/'cli', '--no-pretrained', '--arch', 'resnet18', '--size', 32, '--epochs', 1,
+            '--freeze-epochs', 1, '--bs', 16, '--seed', 3, '--recipe', 'robust', '--balance', 'max', '--dtype', 'float16', '--quiet')
+    assert r.returncode == 0, r.stderr
+    run = tmp_path/'runs'/'20990101T000000Z'
+    p = subprocess.run([sys.executable, '-m', 'papermill', str(Path(__file__).parents[1]/'papermill_runs'/'train.ipynb'),
+                        str(run/'train.ipynb'), '-p', 'data', str(data), '-p', 'out_dir', str(run), '-p', 'figures_dir', str(tmp_path/'figs'),
+                        '-p', 'size', '32', '-p', 'epochs', '1', '-p', 'seed', '3', '-p', 'recipe', 'robust'],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = tmp_path/'cli', run/'model'
+    assert sorted(x.name for x in a.iterdir()) == sorted(x.name for x in b.iterdir())
+    for f in ('meta.json', 'metrics.json', 'training_data.json'):
+        ja, jb = json.loads((a/f).read_text()), json.loads((b/f).read_text())
+        assert set(ja) == set(jb), (f, set(ja) ^ set(jb))
+    ma, mb = read_meta(a), read_meta(b)
+    assert ma['recipe']['name'] == mb['recipe']['name'] == 'robust' and ma['input'] == mb['input']
+    assert json.loads((run/'metrics.json').read_text()) == json.loads((b/'metrics.json').read_text())
+    assert json.loads((run/'run.json').read_text())['parameters']['data'] and (tmp_path/'figs'/'roc.png').is_file()
