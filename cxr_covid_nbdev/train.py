@@ -333,7 +333,8 @@ def _run_train(args):
     out = train_model(args.data, args.out, arch=args.arch, size=args.size, epochs=args.epochs,
                       freeze_epochs=args.freeze_epochs, bs=args.bs, pretrained=pretrained, weights=args.weights,
                       balance=args.balance, seed=args.seed, init_from=args.init_from, num_workers=args.workers,
-                      device=args.device, progress=not args.quiet, dtype=args.dtype, recipe=args.recipe)
+                      device=args.device, progress=not args.quiet, dtype=args.dtype, recipe=args.recipe,
+                      crossval=args.crossval)
     meta, m = read_meta(out), json.loads((out/'metrics.json').read_text())
     print(f"Saved {out}: {meta['arch']} at {meta['size']} px, recipe {meta['recipe']['name']}, validation accuracy {m['accuracy']:.3f}, "
           f"macro F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f} (temperature {meta['temperature']:.2f})")
@@ -360,6 +361,7 @@ def add_commands(subparsers:argparse._SubParsersAction):
     p.add_argument('--balance', type=_balance_arg, default=None, metavar='N', help="oversample each training class to N images, or 'max'")
     p.add_argument('--recipe', choices=tuple(augment.RECIPES), default='paper', help='training recipe (default: paper; see augment.RECIPES)')
     p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    p.add_argument('--crossval', metavar='JSON', default=None, help="a leave-one-site-out crossval.json to keep in the model's metrics and card")
     p.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='weights precision on disk')
     p.add_argument('--workers', type=int, default=None, metavar='N', help='data loader workers')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda if available)')
