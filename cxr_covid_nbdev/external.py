@@ -54,7 +54,7 @@ def _model_info(model_dir:Path, meta:dict)->dict:
 
 def evaluate_model(model, # a model folder; `None`: the production model, else the packaged default
                    data, # what `data.read_dataset` reads (or its DataFrame)
-                   per_class:int|None=None, # images per class (seeded sample); `None`: all
+                   per_class:int|None=200, # images per class (seeded sample), as the paper's external validation; `None`: all
                    seed:int=42, # seed of the sample and of the bootstrap
                    train_manifest=None, # the training data, to count near-duplicates; `None`: not checked
                    bs:int=32, # prediction batch size
@@ -115,10 +115,10 @@ def add_commands(subparsers:argparse._SubParsersAction):
     p = subparsers.add_parser('evaluate', help='external validation: Table-1 metrics on N images per class',
                               description='Predict a seeded sample of N images per class of DATA and print per-class '
                                           'precision, recall, F1, accuracy and AUROC, the confusion matrix, COVID-19 '
-                                          'sensitivity at 95%% specificity and the calibration error.')
+                                          'sensitivity at 95% specificity and the calibration error.')
     p.add_argument('data', metavar='DATA', help='a data set folder or manifest (any layout `prepare` reads)')
     p.add_argument('--model', metavar='MODEL_DIR', default=None, help='model folder (default: production, else the packaged model)')
-    p.add_argument('--per-class', type=int, default=200, metavar='N', help='images per class (default: 200; all if fewer)')
+    p.add_argument('--per-class', type=int, default=200, metavar='N', help='images per class, as the paper (default: 200; all if fewer)')
     p.add_argument('--seed', type=int, default=42, help='seed of the sample and the bootstrap (default: 42)')
     p.add_argument('--train-manifest', metavar='M', default=None, help="the model's training data, to count near-duplicates")
     p.add_argument('--group-by', metavar='COLUMN', default=None,

@@ -297,7 +297,7 @@ def evaluate(self:RetrainRun, seed:int=42)->dict:
     from cxr_covid_nbdev.external import evaluate_model
     self.status('evaluating')
     sets = {'valid': self.valid, **({'external': self.external} if self.external is not None and len(self.external) else {})}
-    res = {who: {name: evaluate_model(d, df, seed=seed) for name, df in sets.items()}
+    res = {who: {name: evaluate_model(d, df, per_class=None, seed=seed) for name, df in sets.items()}
            for who, d in (('candidate', self.candidate), ('production', self.production_dir))}
     atomic_write_json(self.out/'evaluation.json', res)  # with every prediction, for the audit
     self.report['metrics'] = {who: {name: {k: v for k, v in m.items() if k not in ('predictions', 'versions')}

@@ -62,7 +62,8 @@ def _check_result(card, name):
     assert first in LABELS, verdict
     abstained = 'cxr-abstained' in card.locator('.cxr-verdict').get_attribute('class')
     assert abstained == (first == NOT_CERTAIN)
-    if abstained: assert 'abstains' in verdict and ('usable frontal chest radiograph' in verdict or 'unlike the training images' in verdict)
+    if abstained: assert 'abstains' in verdict and any(r in verdict for r in ('usable frontal chest radiograph', 'unlike the training images',
+                                                                            'no plausible lung fields', 'unusable image'))
     bars = card.locator('.cxr-bar')
     assert bars.count() == len(LABELS)
     assert [bars.nth(i).get_attribute('data-label') for i in range(len(LABELS))] == list(LABELS)
@@ -136,6 +137,17 @@ def test_dashboard_uploads(dashboard, tiny_model_dir, cxr_real, dicom_file, arti
             cards = _upload(page, [cxr], 4)
             assert cards.count() == 1 and page.locator('.cxr-error').count() == 0
             _check_result(cards.nth(0), cxr.name)
+
+            # 5. blank and tiny images: Not Certain, with the reason
+            from PIL import Image
+            blanks = [tmp_path/'black.png', tmp_path/'white.png', tmp_path/'dot.png']
+            Image.new('L', (2000, 2400), 0).save(blanks[0]); Image.new('L', (512, 512), 255).save(blanks[1])
+            Image.new('L', (1, 1), 128).save(blanks[2])
+            cards = _upload(page, blanks, 5)
+            assert cards.count() == 3
+            for k, (f, why) in enumerate(zip(blanks, ('nearly uniform', 'nearly uniform', 'too small'))):
+                assert _check_result(cards.nth(k), f.name) == (NOT_CERTAIN, True)
+                assert 'unusable image' in cards.nth(k).locator('.cxr-verdict').inner_text() and why in cards.nth(k).locator('.cxr-verdict').inner_text()
         finally:
             browser.close()
     # nothing uploaded was written beside the server or named in its log
