@@ -8,10 +8,11 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/docs.html.md"""
 __all__ = ['RUN_NAME', 'SUMMARY_KEYS', 'NO_RUN', 'NO_CROSSVAL', 'SOURCES', 'repo_root', 'runs_dir', 'run_figures_dir',
            'read_json', 'run_kind', 'list_runs', 'latest_run', 'load_run', 'scalar', 'fmt', 'fmt_ci', 'per_class_table',
            'summary_table', 'subsets_of', 'subsets_table', 'shortcut_table', 'metrics_from_labels', 'note',
-           'html_table', 'show_image', 'key_results', 'history_frame', 'paper_block', 'figure', 'is_external',
-           'evaluation_caption', 'evaluation_heading', 'latest_crossval', 'unseen_results', 'paper_reported',
-           'comparison_table', 'source_of', 'load_manifest', 'counts', 'index_path', 'render_readme', 'sync_readme',
-           'execute_index', 'readme_problems', 'stage_notebook', 'run_title', 'toc', 'stage', 'build', 'main']
+           'html_table', 'show_image', 'key_results', 'history_frame', 'paper_block', 'deviations', 'nonfinite_epochs',
+           'figure', 'is_external', 'evaluation_caption', 'evaluation_heading', 'latest_crossval', 'unseen_results',
+           'paper_reported', 'comparison_table', 'source_of', 'load_manifest', 'counts', 'index_path', 'render_readme',
+           'sync_readme', 'execute_index', 'readme_problems', 'stage_notebook', 'run_title', 'toc', 'stage', 'build',
+           'main']
 
 # %% ../nbs/10_docs.ipynb #f5d08493
 import argparse, builtins, json, math, os, re, shutil, subprocess, sys
@@ -238,6 +239,31 @@ def paper_block(metrics:dict|None):
         txt += ("\n\n> **Not quoted.** " + '; '.join(p['not_retrieved']) + '. ' + p.get('not_retrieved_note', ''))
     if not metrics: txt += '\n\n' + note(NO_RUN).data
     display(Markdown(txt))
+
+# %% ../nbs/10_docs.ipynb #8301b9fd
+def deviations(run:dict)->'IPython.display.Markdown':
+    "In words: how the run's recipe differs from the paper's (ResNet-50, ImageNet weights, 350 px, 15 epochs, paper recipe)"
+    from IPython.display import Markdown
+    p = (run.get('run') or {}).get('parameters') or {}
+    if not p: return note(NO_RUN)
+    diff = []
+    if not (p.get('pretrained') or p.get('weights')): diff.append("**no ImageNet weights**: the network was trained from random initialisation "
+                                                                   "(the weights cannot be downloaded where it was trained), so this is not transfer learning")
+    if p.get('recipe', 'paper') != 'paper': diff.append(f"the **{p['recipe']}** recipe instead of the paper's (see the model card)")
+    for k, want in (('arch', 'resnet50'), ('size', 350), ('epochs', 15)):
+        if p.get(k) is not None and p.get(k) != want: diff.append(f"{k} {p[k]} instead of {want}")
+    if p.get('reduced'): diff.append(p['reduced'])
+    return Markdown("**Differences from the paper's recipe:** " + ('; '.join(diff) if diff else 'none') + '.')
+
+def nonfinite_epochs(metrics:dict|None)->'IPython.display.Markdown':
+    "In words: the epochs whose validation loss (or another metric) was not finite, and what that means"
+    from IPython.display import Markdown
+    bad = [h for h in (metrics or {}).get('history', []) if any(isinstance(v, float) and not math.isfinite(v) for v in h.values())
+           or any(v is None for k, v in h.items() if k not in ('stage', 'epoch'))]
+    if not bad: return Markdown('Every epoch had a finite training and validation loss.')
+    which = ', '.join(f"{h.get('stage', '')} epoch {h.get('epoch')}" for h in bad)
+    return Markdown(f"**Not finite:** the validation loss of {which} was not finite (a mixed-precision overflow); the curve has a gap "
+                    "there and the accuracy of that epoch is not meaningful. Training went on, and the model is the one after the last epoch.")
 
 # %% ../nbs/10_docs.ipynb #ab9755f1
 def figure(path:Path|str, # a PNG
