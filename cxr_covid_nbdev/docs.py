@@ -325,7 +325,16 @@ def unseen_results(cv:dict|None)->'IPython.display.Markdown':
     return Markdown(f"**On sites never seen in training** (leave-one-site-out run `{cv['name']}`: {st['arch']} at {st['size']} px, "
                     f"{st['epochs']} epochs, {'ImageNet weights' if st['pretrained'] else 'from scratch'}"
                     + (f", {red}" if red else '') + f"; held out in turn: {', '.join(rep['groups'])}), mean recall over "
-                    "COVID-19, Normal and Pneumonia: " + '; '.join(parts) + '.')
+                    "COVID-19, Normal and Pneumonia: " + '; '.join(parts) + '.' + _segmenter_note(st))
+
+def _segmenter_note(settings:dict)->str:
+    "A sentence when the run's lung segmenter (used by the lung crop) is not the one installed now"
+    from cxr_covid_nbdev.lungs import default_segmenter_dir
+    used = settings.get('lung_segmenter')
+    now = read_json(default_segmenter_dir()/'meta.json', {}).get('sha256')
+    if not used or used == now: return ''
+    return (f" The run cropped to the lungs with an earlier lung segmenter (weights {used[:12]}); the installed one is {str(now)[:12]}, "
+            "so a new run would crop slightly differently.")
 
 # %% ../nbs/10_docs.ipynb #1a5b063e
 def paper_reported()->dict:
