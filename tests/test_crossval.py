@@ -64,9 +64,10 @@ def test_papermill_run(cxr_real, tmp_path):
     "The papermill notebook is a thin shell over `crossval`: its run folder holds crossval.json and run.json, without machine paths"
     from cxr_covid_nbdev import docs
     run = tmp_path/'runs'/'20990101T000000Z'
+    run.mkdir(parents=True)
     r = subprocess.run([sys.executable, '-m', 'papermill', str(REPO/'papermill_runs'/'crossval.ipynb'), str(run/'crossval.ipynb'),
                         '-p', 'data', str(cxr_real), '-p', 'out_dir', str(run), '-p', 'figures_dir', str(tmp_path/'figs'),
-                        '-p', 'recipes', '["paper"]', '-p', 'groups', '["guangzhou"]', '-p', 'per_class', '4'],
+                        '-y', 'recipes: [paper]\ngroups: [guangzhou]', '-p', 'per_class', '4'],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rep, meta = json.loads((run/'crossval.json').read_text()), json.loads((run/'run.json').read_text())

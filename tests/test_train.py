@@ -144,6 +144,7 @@ def test_cli_and_papermill_runs_make_the_same_model_folder(tiny_training_data, t
             '--freeze-epochs', 1, '--bs', 16, '--seed', 3, '--recipe', 'robust', '--balance', 'max', '--dtype', 'float16', '--quiet')
     assert r.returncode == 0, r.stderr
     run = tmp_path/'runs'/'20990101T000000Z'
+    run.mkdir(parents=True)
     p = subprocess.run([sys.executable, '-m', 'papermill', str(Path(__file__).parents[1]/'papermill_runs'/'train.ipynb'),
                         str(run/'train.ipynb'), '-p', 'data', str(data), '-p', 'out_dir', str(run), '-p', 'figures_dir', str(tmp_path/'figs'),
                         '-p', 'size', '32', '-p', 'epochs', '1', '-p', 'seed', '3', '-p', 'recipe', 'robust'],
