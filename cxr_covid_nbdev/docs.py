@@ -322,9 +322,10 @@ def unseen_results(cv:dict|None)->'IPython.display.Markdown':
     parts = [f"`{name}` recipe {fmt(v['mean_unseen_recall'])} ({per(v)}; Normal films called COVID-19 "
              f"{fmt(100 * v['covid_fpr']['Normal']['value'], 1)}%; validation macro F1 on the sites it saw {fmt(v['valid_macro_f1_mean'])})"
              for name, v in rep['summary'].items()]
-    return Markdown(f"**On sites never seen in training** (leave-one-site-out run `{cv['name']}`: {st['arch']} at {st['size']} px, "
-                    f"{st['epochs']} epochs, {'ImageNet weights' if st['pretrained'] else 'from scratch'}"
-                    + (f", {red}" if red else '') + f"; held out in turn: {', '.join(rep['groups'])}), mean recall over "
+    start = 'ImageNet weights' if st['pretrained'] else 'from scratch'
+    desc = f"{start}, {red}" if red else f"{st['arch']} at {st['size']} px, {st['epochs']} epochs, {start}"
+    return Markdown(f"**On sites never seen in training** (leave-one-site-out run `{cv['name']}`: {desc}; "
+                    f"held out in turn: {', '.join(rep['groups'])}), mean recall over "
                     "COVID-19, Normal and Pneumonia: " + '; '.join(parts) + '.' + _segmenter_note(st))
 
 def _segmenter_note(settings:dict)->str:
