@@ -64,7 +64,7 @@ def evaluate_model(model, # a model folder; `None`: the production model, else t
                   )->dict: # JSON-ready report
     "Metrics of `model` on a per-class sample of `data`, with near-duplicates of the training data (paths relative to the data root)"
     from cxr_covid_nbdev.inference import Predictor
-    pr = Predictor(resolve_model_dir(model))
+    pr = Predictor(resolve_model_dir(model), check_lungs=False)  # metrics read the probabilities; the input check changes none
     df = data if isinstance(data, pd.DataFrame) else read_dataset(data)
     unknown = sorted(set(df.label) - set(pr.labels))
     if unknown: raise ValueError(f"{data}: label(s) {', '.join(unknown)} are not among the model's labels {pr.labels}")

@@ -232,7 +232,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 dtype:str='float32', # weights in the saved file: 'float32' or 'float16'
                 recipe:str|dict='paper', # `augment.recipe`: 'paper', 'robust', or settings
                 crossval:dict|Path|str|None=None, # a leave-one-site-out report (or its JSON) to keep in metrics and card
-                cam_per_class:int=50, # validation images per class for the Grad-CAM lung share (0: skip)
+                cam_per_class:int=20, # validation images per class for the Grad-CAM lung share (0: skip)
                )->Path: # the model folder
     "Train a recipe (plus calibration and an OOD threshold) and save a model folder"
     import torch
