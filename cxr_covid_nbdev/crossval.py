@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/crossval.html.md"""
 __all__ = ['DIAGNOSTIC', 'held_out_groups', 'loso_split', 'limit_per_class', 'unseen_summary', 'crossval', 'crossval_table',
            'fold_table', 'format_crossval', 'add_commands']
 
-# %% ../nbs/05b_crossval.ipynb #59783ce7
+# %% ../nbs/05b_crossval.ipynb #e04445df
 import argparse, json, os, tempfile, time
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from .metrics import rate_ci, group_report
 from . import augment
 from .train import train_model, with_split, read_training_data, _segmenter_sha256
 
-# %% ../nbs/05b_crossval.ipynb #9ac9749c
+# %% ../nbs/05b_crossval.ipynb #7a13a82f
 DIAGNOSTIC = ('COVID-19', 'Normal', 'Pneumonia')
 
 def held_out_groups(df:pd.DataFrame, # manifest rows with `label` and `column`
@@ -40,7 +40,7 @@ def loso_split(df:pd.DataFrame, # manifest rows with `split`
     if not inside.any(): raise ValueError(f"no row has {column} == {group!r}")
     return df[~inside], df[inside]
 
-# %% ../nbs/05b_crossval.ipynb #fe669b4b
+# %% ../nbs/05b_crossval.ipynb #eb20e6cd
 def limit_per_class(df:pd.DataFrame, # rows with `label` and `split`
                     n:int|None, # training rows kept per class; `None`: all
                     seed:int=42,
@@ -55,7 +55,7 @@ def limit_per_class(df:pd.DataFrame, # rows with `label` and `split`
     res.attrs = dict(df.attrs)
     return res
 
-# %% ../nbs/05b_crossval.ipynb #c1268f3f
+# %% ../nbs/05b_crossval.ipynb #d2136156
 def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds`)
                    min_images:int=10)->dict: # a site counts for a class with at least this many images of it
     "Recall per class on unseen sites (site mean and pooled), the COVID-19 false-positive rates, the validation macro F1"
@@ -74,10 +74,7 @@ def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds
             'covid_fpr': fpr, 'valid_macro_f1_mean': float(np.mean([f['valid_macro_f1'] for f in folds])),
             'n_folds': len(folds), 'min_images': min_images}
 
-# %% ../nbs/05b_crossval.ipynb #dc8f58b4
-def _relative(paths, root)->list:
-    return [os.path.relpath(p, root) if root else Path(p).name for p in paths]
-
+# %% ../nbs/05b_crossval.ipynb #398c77aa
 def _fold(tr:pd.DataFrame, te:pd.DataFrame, group:str, column:str, r:dict, work:Path, train_args:dict)->dict:
     "Train on `tr` with recipe `r`, score `te`: one fold record"
     from cxr_covid_nbdev.inference import Predictor  # inference sits after this notebook
@@ -92,9 +89,9 @@ def _fold(tr:pd.DataFrame, te:pd.DataFrame, group:str, column:str, r:dict, work:
             'n_train': int((tr.split == 'train').sum()), 'n_valid': int((tr.split == 'valid').sum()), 'n_test': int(ok.sum()),
             'valid_macro_f1': valid['macro_f1'], 'valid_accuracy': valid['accuracy'],
             'unseen': group_report(te[ok], probs[ok], pr.labels, column)[str(group)],
-            'unreadable': _relative([p for p, _ in pr.failures], root),
+            'unreadable': [rel_path(p, root) for p, _ in pr.failures],
             'predictions': [{'path': p, 'label': l, 'probs': [round(float(v), 5) for v in row]}
-                            for p, l, row in zip(_relative(te.path[ok], root), te.label[ok], probs[ok])]}
+                            for p, l, row in zip([rel_path(p, root) for p in te.path[ok]], te.label[ok], probs[ok])]}
 
 def crossval(data, # a data set `data.read_dataset` reads, or its DataFrame
              hold_out:str='site', # the column whose groups are held out one at a time
@@ -138,7 +135,7 @@ def _line(f:dict)->str:
     "One fold in a line: the recall of each class present on the held-out group"
     return ', '.join(f"{l} {r['value']:.2f} (n={r['n']})" for l, r in f['unseen']['recall'].items())
 
-# %% ../nbs/05b_crossval.ipynb #c0813a86
+# %% ../nbs/05b_crossval.ipynb #30b6725f
 def crossval_table(report:dict)->pd.DataFrame:
     "One row per recipe: recall on unseen sites per class (site mean), their mean, COVID-19 false positives, validation macro F1"
     rows = {}
@@ -162,7 +159,7 @@ def format_crossval(report:dict)->str:
     return '\n'.join([f"Leave one {report['hold_out']} out: {', '.join(report['groups'])}", '',
                       fold_table(report).to_string(**pd_opts), '', crossval_table(report).to_string(**pd_opts)])
 
-# %% ../nbs/05b_crossval.ipynb #951ffbc9
+# %% ../nbs/05b_crossval.ipynb #9f265fc8
 def _run_crossval(args):
     r = crossval(args.data, hold_out=args.hold_out, recipes=args.recipe or ['robust', 'paper'], groups=args.groups,
                  arch=args.arch, size=args.size, epochs=args.epochs, freeze_epochs=args.freeze_epochs, bs=args.bs,
