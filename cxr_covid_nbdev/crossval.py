@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/crossval.html.md"""
 __all__ = ['DIAGNOSTIC', 'held_out_groups', 'loso_split', 'limit_per_class', 'unseen_summary', 'crossval', 'crossval_table',
            'fold_table', 'format_crossval', 'add_commands']
 
-# %% ../nbs/05b_crossval.ipynb #e04445df
+# %% ../nbs/05b_crossval.ipynb #f2941b78
 import argparse, json, os, tempfile, time
 from pathlib import Path
 
@@ -18,9 +18,10 @@ from .core import *
 from .data import with_sites, SITES
 from .metrics import rate_ci, group_report
 from . import augment
-from .train import train_model, with_split, read_training_data, _segmenter_sha256
+from .train import train_model, with_split, read_training_data
+from .lungs import segmenter_sha256
 
-# %% ../nbs/05b_crossval.ipynb #7a13a82f
+# %% ../nbs/05b_crossval.ipynb #8c357002
 DIAGNOSTIC = ('COVID-19', 'Normal', 'Pneumonia')
 
 def held_out_groups(df:pd.DataFrame, # manifest rows with `label` and `column`
@@ -40,7 +41,7 @@ def loso_split(df:pd.DataFrame, # manifest rows with `split`
     if not inside.any(): raise ValueError(f"no row has {column} == {group!r}")
     return df[~inside], df[inside]
 
-# %% ../nbs/05b_crossval.ipynb #eb20e6cd
+# %% ../nbs/05b_crossval.ipynb #2875827c
 def limit_per_class(df:pd.DataFrame, # rows with `label` and `split`
                     n:int|None, # training rows kept per class; `None`: all
                     seed:int=42,
@@ -55,7 +56,7 @@ def limit_per_class(df:pd.DataFrame, # rows with `label` and `split`
     res.attrs = dict(df.attrs)
     return res
 
-# %% ../nbs/05b_crossval.ipynb #d2136156
+# %% ../nbs/05b_crossval.ipynb #29c577d6
 def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds`)
                    min_images:int=10)->dict: # a site counts for a class with at least this many images of it
     "Recall per class on unseen sites (site mean and pooled), the COVID-19 false-positive rates, the validation macro F1"
@@ -74,7 +75,7 @@ def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds
             'covid_fpr': fpr, 'valid_macro_f1_mean': float(np.mean([f['valid_macro_f1'] for f in folds])),
             'n_folds': len(folds), 'min_images': min_images}
 
-# %% ../nbs/05b_crossval.ipynb #398c77aa
+# %% ../nbs/05b_crossval.ipynb #7f9fbc1d
 def _fold(tr:pd.DataFrame, te:pd.DataFrame, group:str, column:str, r:dict, work:Path, train_args:dict)->dict:
     "Train on `tr` with recipe `r`, score `te`: one fold record"
     from cxr_covid_nbdev.inference import Predictor  # inference sits after this notebook
@@ -127,7 +128,7 @@ def crossval(data, # a data set `data.read_dataset` reads, or its DataFrame
                 if progress: print(f"{r['name']} without {g}: {_line(folds[-1])}", flush=True)
     return {'hold_out': hold_out, 'groups': groups, 'sites': SITES if hold_out == 'site' else None,
             'settings': {**train_args, 'per_class': per_class, 'valid_per_class': valid_per_class, 'recipes': rs,
-                         'lung_segmenter': _segmenter_sha256()}, 'folds': folds,
+                         'lung_segmenter': segmenter_sha256()}, 'folds': folds,
             'summary': {r['name']: unseen_summary([f for f in folds if f['recipe'] == r['name']]) for r in rs},
             'seconds': round(time.time() - t0, 1), 'versions': library_versions(), 'created_utc': utc_timestamp()}
 
@@ -135,7 +136,7 @@ def _line(f:dict)->str:
     "One fold in a line: the recall of each class present on the held-out group"
     return ', '.join(f"{l} {r['value']:.2f} (n={r['n']})" for l, r in f['unseen']['recall'].items())
 
-# %% ../nbs/05b_crossval.ipynb #30b6725f
+# %% ../nbs/05b_crossval.ipynb #88264adc
 def crossval_table(report:dict)->pd.DataFrame:
     "One row per recipe: recall on unseen sites per class (site mean), their mean, COVID-19 false positives, validation macro F1"
     rows = {}
@@ -159,7 +160,7 @@ def format_crossval(report:dict)->str:
     return '\n'.join([f"Leave one {report['hold_out']} out: {', '.join(report['groups'])}", '',
                       fold_table(report).to_string(**pd_opts), '', crossval_table(report).to_string(**pd_opts)])
 
-# %% ../nbs/05b_crossval.ipynb #9f265fc8
+# %% ../nbs/05b_crossval.ipynb #fc322307
 def _run_crossval(args):
     r = crossval(args.data, hold_out=args.hold_out, recipes=args.recipe or ['robust', 'paper'], groups=args.groups,
                  arch=args.arch, size=args.size, epochs=args.epochs, freeze_epochs=args.freeze_epochs, bs=args.bs,

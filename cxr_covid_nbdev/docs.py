@@ -330,9 +330,8 @@ def unseen_results(cv:dict|None)->'IPython.display.Markdown':
 
 def _segmenter_note(settings:dict)->str:
     "A sentence when the run's lung segmenter (used by the lung crop) is not the one installed now"
-    from cxr_covid_nbdev.lungs import default_segmenter_dir
-    used = settings.get('lung_segmenter')
-    now = read_json(default_segmenter_dir()/'meta.json', {}).get('sha256')
+    from cxr_covid_nbdev.lungs import segmenter_sha256
+    used, now = settings.get('lung_segmenter'), segmenter_sha256()
     if not used or used == now: return ''
     return (f" The run cropped to the lungs with an earlier lung segmenter (weights {used[:12]}); the installed one is {str(now)[:12]}, "
             "so a new run would crop slightly differently.")

@@ -222,8 +222,8 @@ class Predictor:
         "A model that crops to the lungs needs the segmenter it was trained with"
         want = (self.meta.get('input') or {}).get('lung_segmenter')
         if self.preprocess.lung_crop is None or want is None: return
-        from cxr_covid_nbdev.lungs import default_segmenter_dir
-        have = json.loads((default_segmenter_dir()/'meta.json').read_text())['sha256']
+        from cxr_covid_nbdev.lungs import segmenter_sha256
+        have = segmenter_sha256()
         if have != want: raise ValueError(f"{self.model_dir} was trained with lung segmenter {want[:12]}, but this "
                                           f"installation has {have[:12]}: install the version of cxr-covid-nbdev it was made with")
 

@@ -7,11 +7,11 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/lungs.html.md"""
 # %% auto #0
 __all__ = ['LUNG_SIZE', 'NO_LUNG_VIEWS', 'LUNG_FORMAT', 'ABSTAIN_LUNGS', 'LUNG_RULES', 'CROP_MIN_FRACTION', 'LungUNet',
            'standardise', 'lung_mask_pairs', 'negative_pairs', 'load_pairs', 'dice', 'train_segmenter', 'lung_input',
-           'lung_probs', 'segment_dice', 'save_segmenter', 'default_segmenter_dir', 'load_segmenter', 'segmenter',
-           'fit_segmenter', 'LungFields', 'lung_fields', 'lung_reason', 'check_lungs', 'lung_box', 'crop_to_lungs',
-           'model_view', 'file_lung_fields', 'lung_share', 'add_commands']
+           'lung_probs', 'segment_dice', 'save_segmenter', 'default_segmenter_dir', 'load_segmenter',
+           'segmenter_sha256', 'segmenter', 'fit_segmenter', 'LungFields', 'lung_fields', 'lung_reason', 'check_lungs',
+           'lung_box', 'crop_to_lungs', 'model_view', 'file_lung_fields', 'lung_share', 'add_commands']
 
-# %% ../nbs/01a_lungs.ipynb #533b7e58
+# %% ../nbs/01a_lungs.ipynb #7512f9c9
 import json, os, time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from .core import *
 from .data import read_radiograph
 
-# %% ../nbs/01a_lungs.ipynb #013dfd92
+# %% ../nbs/01a_lungs.ipynb #2674f321
 LUNG_SIZE = 128
 
 def _block(ci:int, co:int)->nn.Sequential:
@@ -57,7 +57,7 @@ def standardise(x:torch.Tensor)->torch.Tensor:
     "Each image of an N×1×H×W batch to zero mean and unit variance"
     return (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 1e-6)
 
-# %% ../nbs/01a_lungs.ipynb #0567f898
+# %% ../nbs/01a_lungs.ipynb #51733d49
 def lung_mask_pairs(folder:Path|str, # `lung-masks/`: `manifest.csv`, `images/`, `masks/`
                     train_manifest:Path|str|None=None, # `cxr-train/manifest.csv`: its `split` is kept; `None`: all `train`
                    )->pd.DataFrame: # `image`, `mask` (absolute), `split`
@@ -88,7 +88,7 @@ def load_pairs(pairs:pd.DataFrame, size:int=LUNG_SIZE)->tuple: # (N×1×size×si
     return (torch.from_numpy(np.stack([img(p) for p in pairs.image]))[:, None],
             torch.from_numpy(np.stack([msk(p) for p in pairs['mask']]).astype(np.float32))[:, None])
 
-# %% ../nbs/01a_lungs.ipynb #8a8f57de
+# %% ../nbs/01a_lungs.ipynb #0ec0ad8d
 def dice(pred:torch.Tensor, target:torch.Tensor, eps:float=1.)->torch.Tensor:
     "Dice coefficient per image of two N×1×H×W maps in [0, 1]"
     inter = (pred * target).sum((1, 2, 3))
@@ -138,7 +138,7 @@ def train_segmenter(pairs:pd.DataFrame, # `lung_mask_pairs`: rows with split `tr
         if progress: print(f"epoch {e}: loss {history[-1]:.3f}", flush=True)
     return net.eval(), history
 
-# %% ../nbs/01a_lungs.ipynb #ce4cf25a
+# %% ../nbs/01a_lungs.ipynb #782059d2
 def lung_input(img:Image.Image, size:int=LUNG_SIZE)->np.ndarray:
     "A radiograph as the segmenter reads it: grayscale, squished to `size`×`size`, in [0, 1]"
     return np.asarray(img.convert('L').resize((size, size), Image.BILINEAR), np.float32) / 255.
@@ -159,7 +159,7 @@ def segment_dice(net:nn.Module, pairs:pd.DataFrame, size:int=LUNG_SIZE)->np.ndar
     p = torch.from_numpy(lung_probs(net, x[:, 0]) > 0.5).float()[:, None]
     return dice(p, y, eps=0.).numpy()
 
-# %% ../nbs/01a_lungs.ipynb #273cc4fb
+# %% ../nbs/01a_lungs.ipynb #fdd54f67
 LUNG_FORMAT = 'cxr-covid-nbdev/lungs-1'
 
 def save_segmenter(net:LungUNet, meta:dict, out:Path|str)->Path:
@@ -190,12 +190,16 @@ def load_segmenter(folder:Path|str|None=None)->tuple: # (network in eval mode, m
     net.load_state_dict(load_file(str(folder/'model.safetensors')))
     return net.eval(), meta
 
+def segmenter_sha256(folder:Path|str|None=None)->str:
+    "sha256 of a segmenter folder's weights (default: the packaged one), as its `meta.json` records it"
+    return json.loads(((Path(folder) if folder else default_segmenter_dir())/'meta.json').read_text())['sha256']
+
 @lru_cache(maxsize=4)
 def segmenter(folder:str|None=None)->LungUNet:
     "The network of a segmenter folder, loaded once per process (default: the packaged one)"
     return load_segmenter(folder)[0]
 
-# %% ../nbs/01a_lungs.ipynb #8880a5f4
+# %% ../nbs/01a_lungs.ipynb #dbccce2c
 def fit_segmenter(folder:Path|str, # a lung-mask folder (`lung_mask_pairs`)
                   out:Path|str, # the segmenter folder to create
                   train_manifest:Path|str|None=None, # `cxr-train/manifest.csv`, to hold out its validation films
@@ -222,7 +226,7 @@ def fit_segmenter(folder:Path|str, # a lung-mask folder (`lung_mask_pairs`)
     save_segmenter(net, meta, out)
     return meta
 
-# %% ../nbs/01a_lungs.ipynb #f2dca3bc
+# %% ../nbs/01a_lungs.ipynb #4b8e3562
 ABSTAIN_LUNGS = "no plausible lung fields"
 LUNG_RULES = {'min_fraction': 0.04, 'max_fraction': 0.65, 'min_side': 0.001, 'edge_rows': 1}
 
@@ -262,7 +266,7 @@ def check_lungs(img:Image.Image, # a radiograph (any mode)
     f = lung_fields(lung_probs(net or segmenter(), lung_input(img)))
     return f, lung_reason(f)
 
-# %% ../nbs/01a_lungs.ipynb #c75c263e
+# %% ../nbs/01a_lungs.ipynb #d8532007
 CROP_MIN_FRACTION = 0.05
 
 def lung_box(f:LungFields, # `lung_fields` of the image
@@ -280,7 +284,7 @@ def crop_to_lungs(img:Image.Image, box:tuple|None)->Image.Image:
     l, t, r, b = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
     return img.crop((l, t, max(r, l + 1), max(b, t + 1)))
 
-# %% ../nbs/01a_lungs.ipynb #941984b4
+# %% ../nbs/01a_lungs.ipynb #4a4876a7
 def model_view(img:Image.Image, # a radiograph as `read_radiograph` gives it
                prepare_size:int|None=None, # shrink to this longest side first (the training data's prepare size)
                equalize:bool=False, # equalise the histogram
@@ -295,7 +299,7 @@ def model_view(img:Image.Image, # a radiograph as `read_radiograph` gives it
         img = crop_to_lungs(img, lung_box(fields, lung_crop))
     return ImageOps.equalize(img) if equalize else img
 
-# %% ../nbs/01a_lungs.ipynb #48ee17bb
+# %% ../nbs/01a_lungs.ipynb #50207371
 @lru_cache(maxsize=100_000)
 def _file_fields(path:str, prepare_size:int|None, mtime_ns:int, nbytes:int)->LungFields:
     img = read_radiograph(path).convert('L')
@@ -310,7 +314,7 @@ def file_lung_fields(path:Path|str, # an image file
     st = os.stat(path)
     return _file_fields(str(path), prepare_size, st.st_mtime_ns, st.st_size)
 
-# %% ../nbs/01a_lungs.ipynb #46b7942d
+# %% ../nbs/01a_lungs.ipynb #a23d70a5
 def lung_share(cam:np.ndarray, # H×W saliency map, non-negative
                prob:np.ndarray)->float: # lung probability map (`LungFields.prob`), any size
     "Share of the saliency mass inside the lung mask (the mask resized to the map)"
@@ -318,7 +322,7 @@ def lung_share(cam:np.ndarray, # H×W saliency map, non-negative
     total = float(np.clip(cam, 0, None).sum())
     return float(np.clip(cam, 0, None)[m].sum() / total) if total > 0 else float('nan')
 
-# %% ../nbs/01a_lungs.ipynb #04eca4fc
+# %% ../nbs/01a_lungs.ipynb #b1988c19
 def _run_train_lungs(args):
     exclude = [p.name for p in Path(args.exclude).rglob('*') if p.is_file()] if args.exclude else ()
     meta = fit_segmenter(args.folder, args.out, args.train_manifest, epochs=args.epochs, seed=args.seed,

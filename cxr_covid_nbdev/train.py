@@ -21,7 +21,7 @@ from .core import *
 # %% ../nbs/03_train.ipynb #93728e8e
 from .data import read_dataset, read_radiograph, split_groups, assign_split
 from . import augment
-from .lungs import model_view, file_lung_fields, default_segmenter_dir, lung_probs, lung_input, lung_share, segmenter
+from .lungs import model_view, file_lung_fields, segmenter_sha256, lung_probs, lung_input, lung_share, segmenter
 from .metrics import group_report
 from .model_card import model_card_markdown, shortcut_checks, training_data_summary
 
@@ -208,10 +208,6 @@ def _history(learn, stage):
     return [{'stage': stage, 'epoch': i, **{n: (None if v is None else float(v)) for n, v in zip(names, vals)}}
             for i, vals in enumerate(learn.recorder.values)]
 
-def _segmenter_sha256()->str:
-    "sha256 of the packaged lung segmenter's weights (a model that crops to the lungs depends on it)"
-    return json.loads((default_segmenter_dir()/'meta.json').read_text())['sha256']
-
 def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 out:Path|str, # the model folder to create (must not exist)
                 arch:str='resnet50', # torchvision architecture name
@@ -306,7 +302,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     meta = {'arch': arch, 'labels': list(LABELS), 'size': int(size), 'prepare_size': prepare_size,
             'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'head': head,
             'input': {'equalize': r['equalize'], 'lung_crop': r['lung_crop'],
-                      'lung_segmenter': _segmenter_sha256() if r['lung_crop'] is not None else None},
+                      'lung_segmenter': segmenter_sha256() if r['lung_crop'] is not None else None},
             'imagenet_pretrained': bool(imagenet), 'weights_source': source,
             'init_from': str(init_from) if init_from is not None else None,
             'temperature': temperature, 'ood': ood_threshold(logits, np.array(LABELS)[y]),
