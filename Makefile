@@ -5,12 +5,13 @@ PIP := $(PYTHON) -m pip
 PORT ?= 8866
 SHARED ?= $(abspath ../shared)
 
-.PHONY: install install-dev browser dashboard test check-drift nbtest pytest docs docs-readme bench help
+.PHONY: install install-dev browser dashboard test check-drift nbtest pytest docs docs-readme docs-screenshot bench help
 
 help:
 	@echo "make dashboard  install and serve the clinician dashboard on http://127.0.0.1:$(PORT)"
 	@echo "make test       install everything and run the checks CI runs"
 	@echo "make docs       build the documentation site with Jupyter Book into _build/html"
+	@echo "make docs-screenshot  the dashboard chapter's screenshot (nbs/figures/dashboard.png)"
 	@echo "make bench      run the benchmarks (not tests)"
 
 install:
@@ -43,6 +44,10 @@ test: install-dev browser check-drift nbtest pytest
 # nbs/index.ipynb against the newest run and rewrites README.md from it.
 docs: install-dev
 	CXR_SHARED=$(SHARED) $(PYTHON) -m cxr_covid_nbdev.docs build
+
+# The dashboard chapter's picture: the dashboard on the default model after a real upload, into nbs/figures/dashboard.png.
+docs-screenshot: install-dev browser
+	CXR_SHARED=$(SHARED) $(PYTHON) -m cxr_covid_nbdev.docs screenshot
 
 docs-readme: install-dev
 	CXR_SHARED=$(SHARED) $(PYTHON) -m cxr_covid_nbdev.docs readme

@@ -451,13 +451,13 @@ def _prepare_one(args)->dict:
 
 
 def _map(fn, items, n_workers:int, desc:str):
-    "`fn` over `items` in `n_workers` processes (in this process when 1), with a tqdm bar"
+    "`fn` over `items` in `n_workers` processes (in this process when 1), with a tqdm bar on a terminal"
     from tqdm.auto import tqdm
     if n_workers <= 1 or len(items) < 2:
-        return [fn(it) for it in tqdm(items, desc=desc, leave=False)]
+        return [fn(it) for it in tqdm(items, desc=desc, leave=False, disable=None)]
     with ProcessPoolExecutor(n_workers) as ex:
         return list(tqdm(ex.map(fn, items, chunksize=max(1, min(32, len(items) // (4 * n_workers)))),
-                         total=len(items), desc=desc, leave=False))
+                         total=len(items), desc=desc, leave=False, disable=None))
 
 _SAFE = re.compile(r'[^A-Za-z0-9._-]+')
 

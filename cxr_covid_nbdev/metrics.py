@@ -6,7 +6,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/metrics.html.md"""
 
 # %% auto #0
 __all__ = ['encode_labels', 'auroc_ci', 'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error',
-           'compute_metrics', 'rate_ci', 'group_report', 'format_groups', 'metrics_table', 'format_metrics',
+           'compute_metrics', 'rate_ci', 'group_report', 'format_groups', 'metrics_table', 'format_metrics', 'roc_band',
            'plot_confusion_matrix', 'plot_roc', 'plot_reliability']
 
 # %% ../nbs/04_metrics.ipynb #ce22e646
@@ -196,7 +196,25 @@ def format_metrics(m:dict)->str:
                       f"weighted F1 = {m['weighted']['f1']:.3f}   ECE = {m['ece']:.3f}",
                       f"COVID-19 sensitivity at 95% specificity: {sens}"])
 
-# %% ../nbs/04_metrics.ipynb #b58b7142
+# %% ../nbs/04_metrics.ipynb #e4639578
+def roc_band(y_bin:np.ndarray, # 1 for the class, 0 for the rest
+             score:np.ndarray, # the class's probability
+             n_boot:int=200, # bootstrap resamples
+             seed:int=42,
+             grid:int=101)->dict: # points on the false-positive axis
+    "The ROC curve on a grid of false-positive rates, with its pointwise percentile-bootstrap 95% band"
+    from sklearn.metrics import roc_curve
+    y_bin, score = np.asarray(y_bin).astype(int), np.asarray(score, dtype=np.float64)
+    fpr = np.linspace(0, 1, grid)
+    def tpr_at(y, s):
+        f, t, _ = roc_curve(y, s)
+        return np.interp(fpr, f, t)
+    i = np.random.default_rng(seed).integers(0, len(y_bin), (n_boot, len(y_bin)))
+    boots = np.array([tpr_at(y_bin[j], score[j]) for j in i if y_bin[j].min() != y_bin[j].max()])
+    lo, hi = (np.percentile(boots, [2.5, 97.5], axis=0) if len(boots) else (None, None))
+    return {'fpr': fpr, 'tpr': tpr_at(y_bin, score), 'lo': lo, 'hi': hi}
+
+# %% ../nbs/04_metrics.ipynb #b083849c
 def _fig_ax(ax, figsize):
     import matplotlib.pyplot as plt
     if ax is None: fig, ax = plt.subplots(figsize=figsize)
@@ -219,31 +237,40 @@ def plot_confusion_matrix(m:dict, # `compute_metrics` result (uses `confusion_ma
     return fig
 
 def plot_roc(y_true, probs, # truth and N×C probabilities, as for `compute_metrics`
-             labels=LABELS, ax=None):
-    "One-vs-rest ROC curves, one per class present; returns the figure"
-    from sklearn.metrics import RocCurveDisplay
+             labels=LABELS,
+             n_boot:int=200, # bootstrap resamples for the 95% bands (0: none)
+             ax=None):
+    "One-vs-rest ROC curves with bootstrap 95% bands, one per class present; returns the figure"
+    from sklearn.metrics import roc_auc_score
     fig, ax = _fig_ax(ax, (5, 4.5))
     y = encode_labels(y_true, labels)
     p = _check_probs(probs, len(y), labels)
     for i, l in enumerate(labels):
-        if 0 < (y == i).sum() < len(y): RocCurveDisplay.from_predictions(y == i, p[:, i], name=l, ax=ax)
+        if not 0 < (y == i).sum() < len(y): continue
+        b = roc_band(y == i, p[:, i], max(n_boot, 1))
+        line, = ax.plot(b['fpr'], b['tpr'], label=f"{l} (AUC {roc_auc_score(y == i, p[:, i]):.3f})")
+        if n_boot and b['lo'] is not None: ax.fill_between(b['fpr'], b['lo'], b['hi'], color=line.get_color(), alpha=.2, lw=0)
     ax.plot([0, 1], [0, 1], ls=':', c='gray')
-    ax.set_title('ROC, one vs rest')
+    ax.set_xlim(0, 1); ax.set_ylim(0, 1.01)
+    ax.set_xlabel('false-positive rate'); ax.set_ylabel('true-positive rate'); ax.legend(loc='lower right', fontsize=8)
+    ax.set_title('ROC, one vs rest' + (' (bands: bootstrap 95%)' if n_boot else ''))
     fig.tight_layout()
     return fig
 
 def plot_reliability(y_true, probs, # truth and N×C probabilities
                      labels=LABELS, n_bins:int=15, ax=None):
-    "Reliability diagram of the top-class confidence with the ECE in the title; returns the figure"
+    "Reliability diagram of the top-class confidence, the number of images over each bar, the ECE in the title; returns the figure"
     fig, ax = _fig_ax(ax, (5, 4.5))
     y = encode_labels(y_true, labels)
     p = _check_probs(probs, len(y), labels)
     b = reliability_bins(y, p, n_bins)
     e, nz = b['edges'], b['count'] > 0
     ax.bar(e[:-1][nz], b['accuracy'][nz], width=np.diff(e)[nz], align='edge', edgecolor='k', alpha=.7, label='accuracy')
+    for x, w, a, n in zip(e[:-1][nz], np.diff(e)[nz], b['accuracy'][nz], b['count'][nz]):
+        ax.text(x + w / 2, min(a, 0.97) + 0.01, str(n), ha='center', va='bottom', fontsize=7)
     ax.plot([0, 1], [0, 1], ls=':', c='gray', label='perfect calibration')
-    ax.set_xlim(0, 1); ax.set_ylim(0, 1)
-    ax.set_xlabel('confidence'); ax.set_ylabel('accuracy'); ax.legend(loc='upper left')
-    ax.set_title(f'Reliability (ECE = {expected_calibration_error(y, p, n_bins):.3f})')
+    ax.set_xlim(0, 1); ax.set_ylim(0, 1.05)
+    ax.set_xlabel('confidence (number of images over each bar)'); ax.set_ylabel('accuracy'); ax.legend(loc='upper left')
+    ax.set_title(f'Reliability (ECE = {expected_calibration_error(y, p, n_bins):.3f}, n = {len(y)})')
     fig.tight_layout()
     return fig

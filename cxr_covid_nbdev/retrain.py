@@ -103,7 +103,8 @@ def check_inbox(inbox:Path|str, # folder with manifest.csv and the images
         except ValueError as e: rejected.append(_reject(r, str(e))); continue
         if str(p) in seen: rejected.append(_reject(r, 'listed twice in the manifest')); continue
         try: read_radiograph(p)
-        except UnreadableImage as e: rejected.append(_reject(r, f"unreadable image: {e}")); continue
+        except UnreadableImage as e:  # named as the manifest names it, not by this machine's path
+            rejected.append(_reject(r, f"unreadable image: {str(e).replace(str(p), r['path'])}")); continue
         seen.add(str(p))
         rows.append({'path': str(p), 'label': label, 'patient_id': r['patient_id'], 'source': 'inbox', 'split': '',
                      'sha1': file_digest(p), 'validated_by': r['validated_by'], 'validated_at': r['validated_at']})

@@ -154,3 +154,14 @@ def test_dashboard_uploads(dashboard, tiny_model_dir, cxr_real, dicom_file, arti
     assert not [p for p in server_dir.rglob('*') if p.is_file() and p.suffix.lower() in ('.png', '.jpg', '.dcm')]
     text = log.read_text(errors='replace')
     assert 'RG1_UNCI' not in text and cxr.name not in text and 'Traceback' not in text
+
+
+def test_docs_screenshot_of_the_dashboard(dashboard, tmp_path):
+    "`docs.dashboard_screenshot` (what `make docs-screenshot` runs) uploads a film and the tibia and writes the page whole"
+    from PIL import Image
+    from cxr_covid_nbdev import docs
+    url, _, _ = dashboard
+    out = docs.dashboard_screenshot(tmp_path/'shots'/'dashboard.png', url)
+    assert out == tmp_path/'shots'/'dashboard.png' and [p.name for p in out.parent.iterdir()] == ['dashboard.png']
+    w, h = Image.open(out).size
+    assert w == 1280 and h > 900  # two result cards below the header

@@ -93,3 +93,45 @@ def test_every_page_builds_and_links_resolve(site, page, artifacts, cxr_train):
     assert _table(page, 'counts-split')['all'][-1] == str(n)
     assert page.locator('article img').count() >= 1, 'the provenance chapter draws the age/source confound'
     page.screenshot(path=str(artifacts/'docs-provenance.png'), full_page=True)
+
+
+def test_external_page_shows_its_json(site, page, artifacts):
+    "Each evaluation on the generalisation page: its per-class table, accuracy, macro F1 and duplicate count are its JSON's"
+    found = sorted(f for d in docs.list_runs() for f in d.glob('*.json') if f.stem.lower().startswith(('external', 'evaluat')))
+    _open(page, site, '14_external')
+    text = page.inner_text('article')
+    assert len(found) == page.locator('table[id^="evaluation-table-"]').count()
+    for k, f in enumerate(found):
+        ext = json.loads(f.read_text())
+        t = _table(page, f'evaluation-table-{k}')
+        assert list(t) == list(ext['labels'])
+        for lab, cells in t.items():
+            pc = ext['per_class'][lab]
+            assert cells[:5] == [docs.fmt(pc.get(c)) for c in ('precision', 'recall', 'f1', 'accuracy', 'support')], (f.name, lab, cells)
+        assert f"Accuracy {docs.fmt(ext['accuracy'])}, macro F1 {docs.fmt(ext['macro_f1'])}, n = {ext['n']}." in text
+        dup = ext.get('duplicates_with_training')
+        if dup is not None: assert f"{dup['images']} of its {ext['n']} images are near-duplicates" in text
+        if not docs.is_external(ext): assert 'not external' in text
+    cv = docs.latest_crossval()
+    if cv: assert page.locator('table#crossval-table').count() == 1
+    page.screenshot(path=str(artifacts/'docs-external.png'), full_page=True)
+
+
+def test_dashboard_page_and_footer(site, page):
+    "The dashboard chapter holds a captioned picture of the dashboard; every page has the disclaimer and no download button"
+    _open(page, site, '16_dashboard')
+    fig = page.locator('article figure')
+    assert fig.count() >= 1 and 'dashboard' in fig.first.locator('figcaption').inner_text().lower()
+    assert fig.first.locator('img').evaluate('e => e.complete && e.naturalWidth > 600')
+    for name in ('index', '16_dashboard', 'library/04_metrics'):
+        _open(page, site, name)
+        assert 'not a medical device' in page.inner_text('footer, .bd-footer-content, .footer-content, body')
+        assert page.locator('.dropdown-download-buttons, .btn-download-source-button').count() == 0
+
+
+def test_library_pages_render_show_doc(site, page):
+    "A library page shows `show_doc`'s signature and docments, not the call, and its examples' outputs"
+    _open(page, site, 'library/04_metrics')
+    text = page.inner_text('article')
+    assert 'def compute_metrics(' in text and 'show_doc(' not in text
+    assert page.locator('article figure img').count() >= 1
