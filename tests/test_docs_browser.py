@@ -75,6 +75,7 @@ def test_page_shows_the_run_json(site, page, artifacts, name):
         metrics = json.loads((run/'metrics.json').read_text())
         _expect_run_table(page, metrics)
         assert run.name in page.inner_text('article')
+    if name == 'index': assert page.locator('article .cell_input').count() == 0, 'the front page reads as prose: no code'
     n = _check_images(page)
     if name == '13_results' and run is not None and json.loads((run/'metrics.json').read_text()).get('confusion_matrix'):
         assert n >= 1, 'the results chapter draws the confusion matrix'
