@@ -518,7 +518,8 @@ def toc(chapters:list, library:list, runs:list)->dict:
 
 def stage(out:Path|str|None=None, # the book's source folder; default `_build/_src` (executed copies go beside it, in `_executed`)
           n_workers:int=2, # notebooks run at once
-          env:dict|None=None)->Path: # extra environment variables for the notebooks
+          env:dict|None=None, # extra environment variables for the notebooks
+          execute:bool=True)->Path: # run the notebooks (`False`: stage them as stored, to check the staging alone)
     "Run the front page, chapters and library notebooks, copy them and the run notebooks into `out`, write `_config.yml` and `_toc.yml`"
     import yaml
     root = repo_root(); nbs = root/'nbs'
@@ -530,7 +531,10 @@ def stage(out:Path|str|None=None, # the book's source folder; default `_build/_s
     if (root/'book'/'_static').is_dir(): shutil.copytree(root/'book'/'_static', out/'_static')
     pages = [nbs/'index.ipynb'] + _chapters(nbs) + _library(nbs)
     # the biggest notebooks (most tests) first, so that two workers finish together
-    execute_all([(p, done/p.name) for p in sorted(pages, key=lambda p: -p.stat().st_size)], n_workers, env)
+    if execute: execute_all([(p, done/p.name) for p in sorted(pages, key=lambda p: -p.stat().st_size)], n_workers, env)
+    else:
+        done.mkdir(parents=True)
+        for p in pages: shutil.copy(p, done/p.name)
     import nbformat
     for p in pages:
         lib = p in _library(nbs)
@@ -618,11 +622,13 @@ def screenshot_files()->list:
 def dashboard_screenshot(out:Path|str, # the PNG to write
                          url:str, # a running dashboard (`cxr-covid dashboard`)
                          files:list|None=None, # uploaded together; default `screenshot_files()`
-                         chromium:str='/usr/bin/chromium', # the browser Playwright drives
+                         chromium:str|None=None, # the browser Playwright drives; default Debian's `chromium` on the PATH
                          timeout_s:int=240)->Path:
     "Open the dashboard at `url`, upload `files`, wait for the answers and write a full-page screenshot to `out`"
     from playwright.sync_api import sync_playwright
     files, out = files or screenshot_files(), Path(out)
+    chromium = chromium or shutil.which('chromium')
+    if not chromium: raise FileNotFoundError("No chromium on the PATH: `make browser` installs Debian's")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:

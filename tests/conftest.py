@@ -62,3 +62,27 @@ def tiny_model_dir(tiny_training_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('tiny-model')/'model'
     return train_model(tiny_training_data, out, arch='resnet18', size=64, epochs=1, freeze_epochs=1, bs=16,
                        pretrained=False, seed=0, progress=False)
+
+
+class CliResult:
+    "What a `cxr-covid` run gave: `returncode`, `stdout`, `stderr`"
+    def __init__(self, returncode, stdout, stderr): self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli_in_process(*args, env=None) -> CliResult:
+    """`cxr-covid ARGS` run in this process through `cli.main`, the console script's entry point (argparse's exit
+    status included): seconds cheaper than a new Python per call, for refusals. End-to-end tests run the real script."""
+    import contextlib, io
+    from cxr_covid_nbdev.cli import main
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: rc = main([str(a) for a in args])
+            except SystemExit as e: rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    return CliResult(rc, out.getvalue(), err.getvalue())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import cli_in_process
 
 from cxr_covid_nbdev.data import read_dataset, with_sites
 from cxr_covid_nbdev.crossval import loso_split, held_out_groups
@@ -54,9 +55,9 @@ def test_summary_follows_from_the_folds(report):
 
 
 def test_refusals(cxr_real, tmp_path):
-    r = cli('crossval', cxr_real, '--hold-out', 'hospital', '--no-pretrained')
+    r = cli_in_process('crossval', cxr_real, '--hold-out', 'hospital', '--no-pretrained')
     assert r.returncode == 2 and "cannot hold out 'hospital'" in r.stderr and 'Traceback' not in r.stderr
-    r = cli('crossval', cxr_real, '--groups', 'mars', '--no-pretrained', '--epochs', 1)
+    r = cli_in_process('crossval', cxr_real, '--groups', 'mars', '--no-pretrained', '--epochs', 1)
     assert r.returncode == 2 and "no row has site == 'mars'" in r.stderr
 
 

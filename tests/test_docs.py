@@ -71,14 +71,14 @@ def test_latest_run_is_the_newest_finished_training_run(tmp_path, monkeypatch):
 
 
 def test_stage_lists_every_chapter_and_run(tmp_path, monkeypatch):
-    "The staged book holds the front page, each chapter, each library notebook and each run notebook, run or shown as stored"
+    "The staged book holds the front page, each chapter, each library notebook (titled with its module) and each run notebook"
     import nbformat
     runs = tmp_path/'runs'; d = runs/'20240101T000000Z'; d.mkdir(parents=True)
     (d/'run.json').write_text(json.dumps({'kind': 'train'}))
     nb = nbformat.v4.new_notebook(); nb.cells = [nbformat.v4.new_code_cell('1+1')]
     nbformat.write(nb, str(d/'train.ipynb'))
     monkeypatch.setenv('CXR_RUNS_DIR', str(runs))
-    src = docs.stage(tmp_path/'src')
+    src = docs.stage(tmp_path/'src', execute=False)  # running them is the docs build's (tests/test_docs_browser.py)
     toc = yaml.safe_load((src/'_toc.yml').read_text())
     files = [c['file'] for p in toc['parts'] for c in p['chapters']]
     chapters = sorted(p.stem for p in (REPO/'nbs').glob('1[1-9]_*.ipynb'))
@@ -86,7 +86,11 @@ def test_stage_lists_every_chapter_and_run(tmp_path, monkeypatch):
     assert 'runs/20240101T000000Z/train' in files and 'library/00_core' in files
     staged = nbformat.read(str(src/'runs'/'20240101T000000Z'/'train.ipynb'), as_version=4)
     assert staged.metadata.mystnb.execution_mode == 'off' and staged.cells[0].source.startswith('# train run')
-    assert nbformat.read(str(src/'index.ipynb'), as_version=4).metadata.mystnb.execution_mode == 'force'
+    assert nbformat.read(str(src/'index.ipynb'), as_version=4).metadata.mystnb.execution_mode == 'off'  # run by stage, not by Jupyter Book
+    lib = nbformat.read(str(src/'library'/'04_metrics.ipynb'), as_version=4)
+    assert lib.cells[0].source.startswith('# Metrics (cxr_covid_nbdev.metrics)')
+    assert any('show-doc' in c.metadata.get('tags', []) and c.source.startswith('show_doc(') for c in lib.cells)
+    assert not any(c.source.lstrip().startswith('#|') for c in lib.cells)
     cfg = yaml.safe_load((src/'_config.yml').read_text())
     assert cfg['execute']['allow_errors'] is False
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_in_process
 import torch
 
 from cxr_covid_nbdev.core import LABELS, fit_longest_side, load_model_dir, model_input, read_meta, softmax_t
@@ -104,11 +105,11 @@ def test_unreadable_images_are_reported_not_scored(pipeline, tmp_path):
 
 def test_evaluate_refusals(pipeline, tmp_path):
     tmp, external = pipeline
-    r = cli('evaluate', tmp_path/'nope', '--model', tmp/'model')
+    r = cli_in_process('evaluate', tmp_path/'nope', '--model', tmp/'model')
     assert r.returncode == 2 and 'does not exist' in r.stderr
-    r = cli('evaluate', external, '--model', tmp_path)
+    r = cli_in_process('evaluate', external, '--model', tmp_path)
     assert r.returncode == 2 and 'not a model folder' in r.stderr
-    r = cli('evaluate', external, '--model', tmp/'model', '--per-class', 0, '--json', tmp_path/'r.json')
+    r = cli_in_process('evaluate', external, '--model', tmp/'model', '--per-class', 0, '--json', tmp_path/'r.json')
     assert r.returncode == 2 and 'per_class' in r.stderr and not (tmp_path/'r.json').exists()
 
 

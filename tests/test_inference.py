@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_in_process
 import torch
 from PIL import Image
 
@@ -216,12 +217,12 @@ def test_cli_predict(untrained_dir, cxr_real, tmp_path, dicom_file):
 
 
 def test_cli_predict_refusals(untrained_dir, tmp_path):
-    r = _cli('predict', tmp_path/'nope.png', '--model', untrained_dir)
+    r = cli_in_process('predict', tmp_path/'nope.png', '--model', untrained_dir)
     assert r.returncode == 1 and 'no such file' in r.stderr and 'Traceback' not in r.stderr
     (tmp_path/'empty').mkdir()
-    r = _cli('predict', tmp_path/'empty', '--model', untrained_dir)
+    r = cli_in_process('predict', tmp_path/'empty', '--model', untrained_dir)
     assert r.returncode == 2 and 'no image' in r.stderr and 'Traceback' not in r.stderr
-    r = _cli('predict', tmp_path/'empty', '--model', tmp_path)
+    r = cli_in_process('predict', tmp_path/'empty', '--model', tmp_path)
     assert r.returncode == 2 and 'not a model folder' in r.stderr
 
 

@@ -3,6 +3,7 @@ import json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_in_process
 import torch
 
 from cxr_covid_nbdev.core import (LABELS, IMAGENET_MEAN, IMAGENET_STD, create_model, save_model_dir, read_meta,
@@ -29,24 +30,9 @@ def models(tmp_path_factory):
     return [tiny_model(d/f'm{i}', i) for i in range(3)]
 
 
-class Out:
-    def __init__(self, returncode, stdout, stderr): self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 def cli(*args, env=None):
     "`cxr-covid ARGS` in this process (the console script is `cli.main`); one test runs the real script"
-    import contextlib, io
-    from cxr_covid_nbdev.cli import main
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([str(a) for a in args])
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-    return Out(rc, out.getvalue(), err.getvalue())
+    return cli_in_process(*args, env=env)
 
 
 def test_add_promote_rollback_resolve(tmp_path, models, monkeypatch):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_in_process
 import torch
 
 from cxr_covid_nbdev.core import (LABELS, NOT_CERTAIN, energy_score, file_digest, load_model_dir, model_input,
@@ -122,14 +123,14 @@ def test_cli_pretrained_without_internet_is_a_clear_error(cxr_real, tmp_path):
 
 def test_cli_refusals(cxr_real, tiny_model_dir, tmp_path):
     before = sorted(p.name for p in tiny_model_dir.iterdir()), file_digest(tiny_model_dir/'model.safetensors')
-    r = cli('train', cxr_real, '--out', tiny_model_dir, '--no-pretrained', '--arch', 'resnet18')
+    r = cli_in_process('train', cxr_real, '--out', tiny_model_dir, '--no-pretrained', '--arch', 'resnet18')
     assert r.returncode == 2 and 'already exists' in r.stderr
     assert (sorted(p.name for p in tiny_model_dir.iterdir()), file_digest(tiny_model_dir/'model.safetensors')) == before
-    r = cli('train', tmp_path/'nope', '--out', tmp_path/'m', '--no-pretrained')
+    r = cli_in_process('train', tmp_path/'nope', '--out', tmp_path/'m', '--no-pretrained')
     assert r.returncode == 2 and 'does not exist' in r.stderr and not (tmp_path/'m').exists()
-    r = cli('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--arch', 'resnet5000')
+    r = cli_in_process('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--arch', 'resnet5000')
     assert r.returncode == 2 and 'Unknown architecture' in r.stderr and not (tmp_path/'m').exists()
-    r = cli('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--weights', tmp_path/'w.pth')
+    r = cli_in_process('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--weights', tmp_path/'w.pth')
     assert r.returncode == 2  # argparse: --no-pretrained and --weights exclude each other
 
 
