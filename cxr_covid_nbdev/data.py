@@ -108,6 +108,8 @@ def _read_pillow(data:bytes, name:str)->Image.Image:
             raise UnreadableImage(f"{name}: not an image file (neither a DICOM file nor a format Pillow reads)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise UnreadableImage(f"{name}: damaged or truncated image file ({e})") from None
+    n = getattr(im, 'n_frames', 1)
+    if n > 1: raise UnreadableImage(f"{name}: {n} frames (an animated or multi-page {im.format} file); give one radiograph per file")
     return _to_l(im)
 
 # %% ../nbs/01_data.ipynb #d06daea8
@@ -191,11 +193,38 @@ def _source_of(row)->str:
     if ':' in pid: return pid.split(':', 1)[0]
     return str(row.get('source_repo', '') or '')
 
+def _rows(csv:Path, mask)->str:
+    "The CSV line numbers (the header is line 1) of the rows where `mask` holds"
+    return ', '.join(str(i + 2) for i in np.flatnonzero(np.asarray(mask)))
+
+def _manifest_path(p:str, root:Path)->str|None:
+    "`p` as an absolute path: as written if absolute, else under `root`; `None` if a relative path leaves `root`"
+    if Path(p).is_absolute(): return p
+    inside = Path(os.path.normpath(root/p)).is_relative_to(os.path.normpath(root))  # by name: `..` may not climb out
+    return str((root/p).resolve()) if inside else None
+
+def _check_same_images(df:pd.DataFrame, csv:Path):
+    "A manifest lists each image once: the same file content (`sha1`) on two rows is an error naming them"
+    dup = (df.sha1 != '') & df.sha1.duplicated(keep=False)
+    if not dup.any(): return
+    groups = df[dup].groupby('sha1')
+    what = ('under two labels' if any(g.label.nunique() > 1 for _, g in groups) else 'twice')
+    raise ValueError(f"{csv}: the same image is listed {what}, line(s) {_rows(csv, dup)}: "
+                     + '; '.join(' = '.join(f"{Path(p).name} ({l})" for p, l in zip(g.path, g.label)) for _, g in list(groups)[:5]))
+
 def _read_manifest(csv:Path, root:Path)->pd.DataFrame:
-    df = pd.read_csv(csv, keep_default_na=False, dtype=str)
+    try: df = pd.read_csv(csv, keep_default_na=False, dtype=str)
+    except pd.errors.EmptyDataError: raise ValueError(f"{csv} is empty: a manifest needs a header row with path and label") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ValueError(f"{csv} is not a readable CSV file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     missing = {'path', 'label'} - set(df.columns)
     if missing: raise ValueError(f"{csv} lacks the column(s) {', '.join(sorted(missing))}")
-    df['path'] = [str((root/p).resolve()) if not Path(p).is_absolute() else p for p in df.path]
+    paths = [_manifest_path(p, root) for p in df.path]
+    if None in paths:
+        raise ValueError(f"{csv}: relative paths must stay inside {root}; line(s) {_rows(csv, [p is None for p in paths])} leave it")
+    df['path'] = paths
+    if df.path.duplicated().any():
+        raise ValueError(f"{csv}: the same path is listed more than once, line(s) {_rows(csv, df.path.duplicated(keep=False))}")
     df['label'] = _check_labels(df.label, df.path)
     if 'source' not in df.columns: df['source'] = [_source_of(r) for r in df.to_dict('records')] if len(df) else []
     return df
@@ -317,7 +346,9 @@ def read_dataset(src:Path|str, # a folder in one of `LAYOUTS`, or a manifest CSV
         if not src.is_dir(): raise ValueError(f"{src}: the {layout} layout needs a folder")
         df = {'folders': _read_folders, 'kermany': _read_kermany, 'cohen': _read_cohen, 'raddb': _read_raddb}[layout](src)
         root = src
-    return _finish(df, root.resolve(), layout, size)
+    df = _finish(df, root.resolve(), layout, size)
+    if layout in ('prepared', 'manifest'): _check_same_images(df, csv)
+    return df
 
 # %% ../nbs/01_data.ipynb #e0d1e6f0
 HASH_SIZE = 16
@@ -514,6 +545,10 @@ def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
     res = _map(_prepare_one, [(p, size, quality) for p in df.path], n_workers, 'prepare')
     ok = np.array([r['ok'] for r in res], dtype=bool)
     skipped = [dict(path=p, reason=r['reason']) for p, r in zip(df.path, res) if not r['ok']]
+    if not ok.any():
+        why = '; '.join(s['reason'] for s in skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else '')
+        raise ValueError(f"{', '.join(map(str, srcs))}: no usable image among {len(df)}: {why}" if len(df) else
+                         f"{', '.join(map(str, srcs))}: no image found")
     good = df[ok].rename(columns={'path': 'original'}).reset_index(drop=True)
     res = [r for r in res if r['ok']]
     good['sha1'] = [hashlib.sha1(r['data']).hexdigest() for r in res]

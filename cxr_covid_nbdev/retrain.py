@@ -79,35 +79,49 @@ def read_inbox_manifest(inbox:Path|str)->pd.DataFrame: # the folder with manifes
     return df.apply(lambda c: c.str.strip())
 
 # %% ../nbs/08_retrain.ipynb #449ac0c0
-from .data import read_radiograph, UnreadableImage, read_dataset
+from .data import read_radiograph, UnreadableImage, read_dataset, _manifest_path
 
 def _reject(row:dict, reason:str)->dict: return {'path': row.get('path', ''), 'label': row.get('label', ''),
                                                  'patient_id': row.get('patient_id', ''), 'reason': reason}
 
 def check_inbox(inbox:Path|str, # folder with manifest.csv and the images
+                now:datetime|None=None, # the time a validation may not be after; default now (UTC)
                )->tuple: # (accepted DataFrame, rejected list of dicts with `reason`)
     "Validated, readable, labelled inbox cases, and the rejected rows with the reason for each"
     inbox = Path(inbox).resolve()
+    now = now or datetime.now(timezone.utc)
     df = read_inbox_manifest(inbox)
-    rows, rejected, seen = [], [], set()
+    rows, rejected, seen = [], [], {}
     for r in df.to_dict('records'):
         if not r['path']: rejected.append(_reject(r, 'no path')); continue
-        p = Path(r['path']) if Path(r['path']).is_absolute() else inbox/r['path']
-        p = p.resolve()
+        p = _manifest_path(r['path'], inbox)
+        if p is None: rejected.append(_reject(r, f"the path leaves the inbox folder {inbox.name}")); continue
+        p = Path(p)
         if not r['validated_by'] or not r['validated_at']:
             rejected.append(_reject(r, 'not validated: validated_by and validated_at are both required')); continue
         try: when = datetime.fromisoformat(r['validated_at'].replace('Z', '+00:00'))
         except ValueError:
             rejected.append(_reject(r, f"validated_at {r['validated_at']!r} is not an ISO date")); continue
+        if (when if when.tzinfo else when.replace(tzinfo=timezone.utc)) > now:
+            rejected.append(_reject(r, f"validated_at {r['validated_at']!r} is in the future")); continue
         try: label = check_label(r['label'])
         except ValueError as e: rejected.append(_reject(r, str(e))); continue
-        if str(p) in seen: rejected.append(_reject(r, 'listed twice in the manifest')); continue
         try: read_radiograph(p)
         except UnreadableImage as e:  # named as the manifest names it, not by this machine's path
             rejected.append(_reject(r, f"unreadable image: {str(e).replace(str(p), r['path'])}")); continue
-        seen.add(str(p))
+        sha = file_digest(p)
+        if sha in seen:
+            first, first_label = seen[sha]
+            if first_label == label: rejected.append(_reject(r, 'listed twice in the manifest')); continue
+            # two labels for one image: neither can be trusted
+            rejected.append(_reject(r, f"the same image as {first}, labelled {first_label} there"))
+            if any(x['sha1'] == sha for x in rows):
+                k = next(i for i, x in enumerate(rows) if x['sha1'] == sha)
+                rejected.append(_reject({**rows.pop(k), 'path': first}, f"the same image as {r['path']}, labelled {label} there"))
+            continue
+        seen[sha] = (r['path'], label)
         rows.append({'path': str(p), 'label': label, 'patient_id': r['patient_id'], 'source': 'inbox', 'split': '',
-                     'sha1': file_digest(p), 'validated_by': r['validated_by'], 'validated_at': r['validated_at']})
+                     'sha1': sha, 'validated_by': r['validated_by'], 'validated_at': r['validated_at']})
     cols = list(MANIFEST_COLUMNS) + ['validated_by', 'validated_at']
     return pd.DataFrame(rows, columns=cols), rejected
 
