@@ -6,7 +6,8 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/retrain.html.md"""
 
 # %% auto #0
 __all__ = ['INBOX_COLUMNS', 'COVID', 'LockHeld', 'RetrainLock', 'InboxError', 'read_inbox_manifest', 'check_inbox', 'merge_inbox',
-           'promotion_gate', 'RetrainRun', 'template_notebook', 'default_runs_dir', 'run_retrain', 'add_commands']
+           'promotion_gate', 'audit_inbox', 'RetrainRun', 'template_notebook', 'default_runs_dir', 'run_retrain',
+           'add_commands']
 
 # %% ../nbs/08_retrain.ipynb #f9fed874
 import argparse, errno, fcntl, hashlib, json, os, shutil, socket, sys
@@ -180,26 +181,60 @@ def _covid_recall(m:dict)->float|None:
     pc = (m.get('per_class') or {}).get(COVID) or {}
     return None if not pc.get('support', 1) else pc.get('recall')
 
+def _gate_checks(candidate:dict, baseline:dict, against:str, f1_tolerance:float, recall_tolerance:float)->list:
+    "The candidate's macro-F1 and COVID-19 recall against one baseline model's, set by set"
+    checks = []
+    for name in baseline:
+        c, b = candidate[name], baseline[name]
+        checks.append({'against': against, 'set': name, 'metric': 'macro_f1', 'candidate': c['macro_f1'], 'baseline': b['macro_f1'],
+                       'tolerance': f1_tolerance, 'ok': c['macro_f1'] >= b['macro_f1'] - f1_tolerance - 1e-12})
+        cr, br = _covid_recall(c), _covid_recall(b)
+        checks.append({'against': against, 'set': name, 'metric': 'covid_recall', 'candidate': cr, 'baseline': br,
+                       'tolerance': recall_tolerance, 'ok': True if cr is None or br is None else cr >= br - recall_tolerance - 1e-12})
+    return checks
+
 def promotion_gate(candidate:dict, # {set name: metrics} of the candidate (`external.evaluate_model`)
                    production:dict, # the same for the production model, same sets
                    f1_tolerance:float=0.0, # how much lower the candidate's macro-F1 may be
                    recall_tolerance:float=0.0, # how much lower its COVID-19 recall may be
+                   control:dict|None=None, # the same for the control: production fine-tuned the same way without the inbox
                   )->dict: # `promote` (bool), `reason` (str), `checks` (list)
-    "Promote only a candidate that is not worse than production beyond the tolerances, on every set"
-    checks = []
-    for name in production:
-        c, p = candidate[name], production[name]
-        checks.append({'set': name, 'metric': 'macro_f1', 'candidate': c['macro_f1'], 'production': p['macro_f1'],
-                       'tolerance': f1_tolerance, 'ok': c['macro_f1'] >= p['macro_f1'] - f1_tolerance - 1e-12})
-        cr, pr = _covid_recall(c), _covid_recall(p)
-        checks.append({'set': name, 'metric': 'covid_recall', 'candidate': cr, 'production': pr, 'tolerance': recall_tolerance,
-                       'ok': True if cr is None or pr is None else cr >= pr - recall_tolerance - 1e-12})
+    "Promote only a candidate not worse than production, nor than the control, beyond the tolerances, on every set"
+    checks = (_gate_checks(candidate, production, 'production', f1_tolerance, recall_tolerance)
+              + _gate_checks(candidate, control or {}, 'control', f1_tolerance, recall_tolerance))
     if not checks: raise ValueError("The promotion gate needs at least one evaluation set")
     failed = [k for k in checks if not k['ok']]
-    fmt = lambda k: f"{k['metric']} on {k['set']} {k['candidate']:.3f} vs production {k['production']:.3f} (tolerance {k['tolerance']})"
-    reason = ('candidate not worse than production: ' + '; '.join(fmt(k) for k in checks if k['candidate'] is not None)
-              if not failed else 'candidate worse than production: ' + '; '.join(fmt(k) for k in failed))
+    fmt = lambda k: f"{k['metric']} on {k['set']} {k['candidate']:.3f} vs {k['against']} {k['baseline']:.3f} (tolerance {k['tolerance']})"
+    if not failed: reason = 'candidate not worse than production or the control: ' + '; '.join(fmt(k) for k in checks if k['candidate'] is not None and k['baseline'] is not None)
+    elif all(k['against'] == 'control' for k in failed):
+        reason = ('candidate worse than the control fine-tuned without the inbox: what it gains over production comes from '
+                  'fine-tuning on the reference data, not from the inbox: ' + '; '.join(fmt(k) for k in failed))
+    else: reason = 'candidate worse than production: ' + '; '.join(fmt(k) for k in failed if k['against'] == 'production')
     return {'promote': not failed, 'reason': reason, 'checks': checks}
+
+# %% ../nbs/08_retrain.ipynb #175d7c69
+def audit_inbox(cases:pd.DataFrame, # accepted inbox cases (`check_inbox`)
+                reference:pd.DataFrame, # images with trusted labels: the reference validation split
+                model_dir:Path|str, # the production model
+                root:Path|str|None=None, # paths in the report are relative to it (the inbox)
+                bs:int=32)->tuple: # (kept cases, quarantined rows with the model's opinion)
+    "Quarantine the cases whose label the production model disputes, by confident learning over them and `reference`"
+    from cleanlab.filter import find_label_issues
+    from cxr_covid_nbdev.inference import Predictor
+    if not len(cases): return cases, []
+    pr = Predictor(model_dir, check_lungs=False)
+    probs = pr.predict_paths(list(reference.path) + list(cases.path), bs=bs)
+    labels = np.array([pr.labels.index(l) for l in list(reference.label) + list(cases.label)])
+    ok = ~np.isnan(probs).any(1)  # an unreadable reference image drops out
+    issue = np.zeros(len(labels), dtype=bool)
+    issue[ok] = find_label_issues(labels[ok], probs[ok], filter_by='prune_by_noise_rate', n_jobs=1)
+    flag, p = issue[len(reference):], probs[len(reference):]
+    quarantined = [{'path': rel_path(r.path, root), 'label': r.label, 'patient_id': r.patient_id,
+                    'model_label': pr.labels[int(np.argmax(q))], 'model_probability': round(float(np.max(q)), 4),
+                    'probability_of_label': round(float(q[pr.labels.index(r.label)]), 4),
+                    'reason': 'the production model disputes the label (cleanlab confident learning): validate it again'}
+                   for r, q, f in zip(cases.itertuples(), p, flag) if f]
+    return cases[~flag].reset_index(drop=True), quarantined
 
 # %% ../nbs/08_retrain.ipynb #e5ceebba
 class RetrainRun:
@@ -240,12 +275,14 @@ def load_data(self:RetrainRun,
               base_data:Path|str, # the reference data (anything `data.read_dataset` reads), with its split
               external_data:Path|str|None=None, # the external set
               valid_pct:float=0.2, seed:int=42)->pd.DataFrame: # the merged training table
-    "Check the inbox, merge it into the reference data; the data the candidate is trained on"
+    "Check and audit the inbox, merge what is kept into the reference data; the data the candidate is trained on"
     self.status('data')
     accepted, rejected = check_inbox(inbox)
     base = read_dataset(base_data)
     self.external = read_dataset(external_data) if external_data else None
-    merged, rej2 = merge_inbox(base, accepted, self.external, valid_pct=valid_pct, seed=seed)
+    self.status('audit')
+    kept, quarantined = audit_inbox(accepted, base[base.split == 'valid'], self.production_dir, root=Path(inbox).resolve())
+    merged, rej2 = merge_inbox(base, kept, self.external, valid_pct=valid_pct, seed=seed)
     merged.attrs.update(base.attrs)
     self.valid = base[base.split == 'valid'].reset_index(drop=True)
     self.train_df = merged[merged.split.isin(['train', 'valid'])].reset_index(drop=True)
@@ -254,14 +291,20 @@ def load_data(self:RetrainRun,
     from cxr_covid_nbdev.train import manifest_sha1
     self.report.update(
         inbox={'path': str(Path(inbox).resolve()), 'manifest_sha1': file_digest(Path(inbox)/'manifest.csv'),
-               'rows': len(accepted) + len(rejected), 'accepted': len(new), 'rejected': len(rejected) + len(rej2)},
-        rejected=rejected + rej2,
+               'rows': len(accepted) + len(rejected), 'accepted': len(new), 'quarantined': len(quarantined),
+               'rejected': len(rejected) + len(rej2)},
+        rejected=rejected + rej2, quarantined=quarantined,
         data={'base': str(base_data), 'external': str(external_data) if external_data else None,
               'reference': _counts(base), 'new': _counts(new), 'training': _counts(self.train_df),
               'manifest_sha1': manifest_sha1(self.train_df),
               'external_images': len(self.external) if self.external is not None else 0})
     atomic_write_text(self.out/'training_manifest.csv', merged.to_csv(index=False))
-    if not len(new): self.skip('no new validated cases to learn from')
+    vj = self.production_dir/'version.json'  # a registry version says which inbox it learned from
+    learned = json.loads(vj.read_text()).get('source', {}).get('inbox_manifest_sha1') if vj.is_file() else None
+    if learned == self.report['inbox']['manifest_sha1']:
+        self.skip(f'production {self.production} was trained on this inbox already')
+    elif not len(new): self.skip('no new validated cases to learn from'
+                               + (f' ({len(quarantined)} quarantined: the production model disputes their labels)' if quarantined else ''))
     elif read_meta(self.production_dir).get('manifest_sha1') == self.report['data']['manifest_sha1']:
         self.skip(f'production {self.production} was trained on exactly this data')
     elif (prev := self.same_rejected_run()):
@@ -295,25 +338,29 @@ def active(self:RetrainRun)->bool:
 @patch
 def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None, bs:int=32, seed:int=42,
           progress:bool=False)->Path:
-    "Fine-tune the production model on the merged data; the candidate model folder"
+    "Fine-tune the production model on the merged data (the candidate) and on the reference data alone (the control)"
     from cxr_covid_nbdev.train import train_model
     self.status('training')
     size = size or read_meta(self.production_dir)['size']
-    self.candidate = train_model(self.train_df, self.out/'candidate', size=size, epochs=epochs,
-                                 freeze_epochs=freeze_epochs, bs=bs, pretrained=False, seed=seed,
-                                 init_from=self.production_dir, progress=progress)
+    fit = lambda df, name: train_model(df, self.out/name, size=size, epochs=epochs, freeze_epochs=freeze_epochs, bs=bs,
+                                       pretrained=False, seed=seed, init_from=self.production_dir, progress=progress)
+    self.candidate = fit(self.train_df, 'candidate')
     self.report['candidate'] = {'path': str(self.candidate), 'sha256': read_meta(self.candidate)['sha256'], 'size': size}
+    reference = self.train_df[self.train_df.origin == 'reference'].reset_index(drop=True)
+    reference.attrs.update(self.train_df.attrs)
+    self.control = fit(reference, 'control')
+    self.report['control'] = {'path': str(self.control), 'sha256': read_meta(self.control)['sha256'], 'size': size}
     return self.candidate
 
 # %% ../nbs/08_retrain.ipynb #86cfc44e
 @patch
 def evaluate(self:RetrainRun, seed:int=42)->dict:
-    "Metrics of the candidate and of production on the same sets"
+    "Metrics of the candidate, production and the control on the same sets"
     from cxr_covid_nbdev.external import evaluate_model
     self.status('evaluating')
     sets = {'valid': self.valid, **({'external': self.external} if self.external is not None and len(self.external) else {})}
     res = {who: {name: evaluate_model(d, df, per_class=None, seed=seed) for name, df in sets.items()}
-           for who, d in (('candidate', self.candidate), ('production', self.production_dir))}
+           for who, d in (('candidate', self.candidate), ('production', self.production_dir), ('control', self.control))}
     atomic_write_json(self.out/'evaluation.json', res)  # with every prediction, for the audit
     self.report['metrics'] = {who: {name: {k: v for k, v in m.items() if k not in ('predictions', 'versions')}
                                         for name, m in r.items()} for who, r in res.items()}
@@ -324,8 +371,13 @@ def decide(self:RetrainRun, f1_tolerance:float=0.0, recall_tolerance:float=0.0, 
     "Apply the gate; add and promote the candidate if it passes (not in a dry run)"
     self.status('deciding')
     m = self.report['metrics']
-    gate = promotion_gate(m['candidate'], m['production'], f1_tolerance, recall_tolerance)
+    gate = promotion_gate(m['candidate'], m['production'], f1_tolerance, recall_tolerance, control=m.get('control'))
     self.report['gate'] = gate
+    # what the inbox did: the candidate against the control, trained the same way without it
+    self.report['inbox_effect'] = {name: {'macro_f1': m['candidate'][name]['macro_f1'] - c['macro_f1'],
+                                          'covid_recall': (None if _covid_recall(c) is None or _covid_recall(m['candidate'][name]) is None
+                                                           else _covid_recall(m['candidate'][name]) - _covid_recall(c))}
+                                   for name, c in (m.get('control') or {}).items()}
     if dry_run or self.dry_run:
         self.report['status'] = 'dry-run'
         self.report['decision'] = {'promote': False, 'would_promote': gate['promote'], 'reason': 'dry run: ' + gate['reason']}
