@@ -11,7 +11,7 @@ __all__ = ['ABSTAIN_NOT_CERTAIN', 'ABSTAIN_OOD', 'ABSTAIN_HEADER', 'CHEST_BODY_P
            'add_commands']
 
 # %% ../nbs/06_inference.ipynb #8af062b8
-import argparse, io, json, os, sys, warnings
+import argparse, inspect, io, json, os, sys, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,18 +349,56 @@ def dashboard_notebook()->Path:
                                 "(`pip install -e .`), which has the dashboards/ folder")
     return nb
 
-def dashboard_command(model_dir:Path|str, port:int=8866)->tuple: # (argv, env)
-    "The Voila command line and environment that serve the dashboard for `model_dir`"
+def dashboard_command(model_dir:Path|str, # the model folder the sessions load
+                      port:int=8866, # port on 127.0.0.1
+                      max_sessions:int=8, # sessions (kernels) at once; a visitor beyond them gets a "busy, try again" page
+                      cull_idle_s:int=120, # a session whose page is closed (no connection) is shut down after this long idle
+                      cull_interval_s:int=30, # how often such sessions are looked for
+                      threads:int=1, # torch threads per session: sessions share the cores
+                     )->tuple: # (argv, env)
+    "The Voila command line and environment that serve the dashboard for `model_dir`, with bounded sessions"
     launch = ('import sys; from voila.app import Voila; '
               f'Voila.launch_instance(argv=sys.argv[1:], tornado_settings={{"websocket_max_message_size": {MAX_UPLOAD_BYTES}}})')
     argv = [sys.executable, '-c', launch, str(dashboard_notebook()), '--no-browser', f'--port={int(port)}',
-            '--Voila.ip=127.0.0.1', '--strip_sources=True', '--show_tracebacks=False']
-    return argv, {**os.environ, 'CXR_COVID_MODEL': str(Path(model_dir).resolve())}
+            '--Voila.ip=127.0.0.1', '--strip_sources=True', '--show_tracebacks=False',
+            '--VoilaConfiguration.multi_kernel_manager_class=cxr_covid_nbdev.inference.SessionCap',
+            f'--SessionCap.max_sessions={int(max_sessions)}',
+            f'--MappingKernelManager.cull_idle_timeout={int(cull_idle_s)}',
+            f'--MappingKernelManager.cull_interval={int(cull_interval_s)}', '--MappingKernelManager.cull_connected=False']
+    env = {**os.environ, 'CXR_COVID_MODEL': str(Path(model_dir).resolve()), 'OMP_NUM_THREADS': str(int(threads)),
+           'MKL_NUM_THREADS': str(int(threads))}
+    return argv, env
 
 def _run_dashboard(args)->int:
-    argv, env = dashboard_command(resolve_model_dir(args.model), args.port)
-    print(f"cxr-covid dashboard: serving {env['CXR_COVID_MODEL']} on http://127.0.0.1:{args.port}/", file=sys.stderr, flush=True)
+    argv, env = dashboard_command(resolve_model_dir(args.model), args.port, args.max_sessions, args.cull_idle, args.cull_interval, args.threads)
+    print(f"cxr-covid dashboard: serving {env['CXR_COVID_MODEL']} on http://127.0.0.1:{args.port}/ "
+          f"(at most {args.max_sessions} sessions; closed pages freed after {args.cull_idle} s)", file=sys.stderr, flush=True)
     os.execve(sys.executable, argv, env)
+
+# %% ../nbs/06_inference.ipynb #18667155
+def _session_cap_class()->type:
+    "`SessionCap`, built on first use: importing Jupyter Server costs every `cxr-covid` command seconds of start-up"
+    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+    from tornado.web import HTTPError
+    from traitlets import Int
+
+    class SessionCap(AsyncMappingKernelManager):
+        "Jupyter Server's kernel manager, refusing a new kernel (HTTP 503, a page that says so) beyond `max_sessions`"
+        max_sessions = Int(8, config=True, help="Kernels (dashboard sessions) at once")
+
+        async def start_kernel(self, *args, **kwargs):
+            if len(self.list_kernel_ids()) >= self.max_sessions:
+                raise HTTPError(503, f"The dashboard is busy: all {self.max_sessions} sessions are in use. Please try again in a minute.",
+                                reason='Busy, try again in a minute')
+            return await super().start_kernel(*args, **kwargs)
+    SessionCap.__module__ = __name__
+    return SessionCap
+
+def __getattr__(name:str):
+    "The module's lazy attribute `SessionCap` (what Voila's `multi_kernel_manager_class` names)"
+    if name != 'SessionCap': raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()['SessionCap'] = cls = _session_cap_class()
+    return cls
 
 # %% ../nbs/06_inference.ipynb #63f066c6
 def add_commands(subparsers:argparse._SubParsersAction):
@@ -377,6 +415,14 @@ def add_commands(subparsers:argparse._SubParsersAction):
     p.set_defaults(run=_run_predict)
     p = subparsers.add_parser('dashboard', help='serve the clinician dashboard with Voila on 127.0.0.1',
         description='Serve the clinician dashboard (upload images, see the verdict, probabilities and Grad-CAM).')
-    p.add_argument('--port', type=int, default=8866, help='port on 127.0.0.1 (default 8866)')
+    d = {k: v.default for k, v in inspect.signature(dashboard_command).parameters.items()}  # the defaults live in the signature
+    p.add_argument('--port', type=int, default=d['port'], help=f"port on 127.0.0.1 (default {d['port']})")
     p.add_argument('--model', help='model folder (default: the registry production model, else the packaged one)')
+    p.add_argument('--max-sessions', type=int, default=d['max_sessions'],
+                   help=f"sessions at once; a visitor beyond them gets a busy page (default {d['max_sessions']})")
+    p.add_argument('--cull-idle', type=int, default=d['cull_idle_s'], metavar='SECONDS',
+                   help=f"free a closed page's session after this long idle (default {d['cull_idle_s']})")
+    p.add_argument('--cull-interval', type=int, default=d['cull_interval_s'], metavar='SECONDS',
+                   help=f"how often closed sessions are looked for (default {d['cull_interval_s']})")
+    p.add_argument('--threads', type=int, default=d['threads'], help=f"torch threads per session (default {d['threads']})")
     p.set_defaults(run=_run_dashboard)
