@@ -55,3 +55,4 @@ docs-readme: install-dev
 bench: install-dev
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_prepare.py
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_predict.py
+	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_dashboard.py --pages 10

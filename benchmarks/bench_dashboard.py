@@ -1,0 +1,105 @@
+"""The dashboard under load: N pages open at once, each uploading a real film; upload-to-verdict time and memory.
+
+`cxr-covid dashboard` (Voila, the shipped default model unless `--model`) is started on a free port with
+`max_sessions` = N (the cap is tested elsewhere). N Chromium pages (Playwright) open it at once; when all show the
+upload button, each uploads one real cxr-real film at the same moment, and the time from `set_files` to the
+verdict card is taken per page. Reported: p50/p95/max upload-to-verdict, page-open times, the memory (RSS) of the
+server alone, with one idle session and with N, so the memory per session; then the pages close and the time until
+the culling frees every session (and the memory left). Usage:
+`python benchmarks/bench_dashboard.py [--pages 10] [--model DIR] [--threads 1] [--json out.json]`.
+Not a test: numbers depend on the machine (2 cores here: N sessions share them).
+"""
+import argparse, json, os, signal, socket, statistics, subprocess, sys, threading, time
+from pathlib import Path
+
+import psutil
+
+from cxr_covid_nbdev.core import default_model_dir, shared_data_dir
+from cxr_covid_nbdev.docs import CHROMIUM_ARGS
+from cxr_covid_nbdev.inference import dashboard_command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def tree_rss_mb(proc: psutil.Process) -> float:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try: total += p.memory_info().rss
+        except psutil.Error: pass
+    return total / 2**20
+
+
+def n_kernels(proc: psutil.Process) -> int:
+    n = 0
+    for c in proc.children(recursive=True):
+        try: n += c.status() != psutil.STATUS_ZOMBIE and 'ipykernel' in ' '.join(c.cmdline())
+        except psutil.Error: pass
+    return n
+
+
+def pct(xs, q): return sorted(xs)[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--pages', type=int, default=10)
+    ap.add_argument('--model', default=None)
+    ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--cull-idle', type=int, default=60)  # short enough to see the memory freed, long enough that a slow page keeps its kernel
+    ap.add_argument('--json', default=None)
+    a = ap.parse_args(argv)
+    films = sorted((shared_data_dir()/'cxr-real'/'COVID-19').glob('*.jpg'))[:a.pages]
+    port = free_port()
+    argv_, env = dashboard_command(a.model or default_model_dir(), port, max_sessions=a.pages, cull_idle_s=a.cull_idle,
+                                   cull_interval_s=1, threads=a.threads)
+    proc = subprocess.Popen(argv_, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server, url, res = psutil.Process(proc.pid), f'http://127.0.0.1:{port}/', {'pages': a.pages, 'threads': a.threads}
+    try:
+        for _ in range(120):
+            try: socket.create_connection(('127.0.0.1', port), timeout=1).close(); break
+            except OSError: time.sleep(1)
+        time.sleep(2); res['server_mb'] = round(tree_rss_mb(server))
+        from playwright.sync_api import sync_playwright
+        with sync_playwright() as p:
+            # a browser each, as separate visitors: one Chromium holds at most 6 connections to a host, and each
+            # open page keeps some, so the 7th page of one browser would wait for a free one
+            browsers = [p.chromium.launch(executable_path='/usr/bin/chromium', args=CHROMIUM_ARGS) for _ in range(a.pages)]
+            pages = [b.new_page(viewport={'width': 1280, 'height': 900}) for b in browsers]
+            t0, opened = time.time(), []
+            for pg in pages: pg.goto(url, wait_until='commit', timeout=600_000)
+            for pg in pages:
+                pg.wait_for_selector('.cxr-upload', timeout=600_000); opened.append(time.time() - t0)
+            res['all_open_s'] = round(time.time() - t0, 1)
+            res['kernels'] = n_kernels(server)
+            res['n_sessions_mb'] = round(tree_rss_mb(server))
+            res['mb_per_session'] = round((res['n_sessions_mb'] - res['server_mb']) / a.pages)
+            # every page uploads at the same moment; Playwright's sync API is one thread, so the choosers are set
+            # one after another (milliseconds) and the verdicts are then awaited page by page against one clock
+            starts = []
+            for pg, film in zip(pages, films):
+                with pg.expect_file_chooser() as fc: pg.click('.cxr-upload')
+                starts.append(time.time()); fc.value.set_files(str(film))
+            lat = []
+            for pg, t in zip(pages, starts):
+                pg.wait_for_selector('.cxr-status [data-upload="1"]', timeout=600_000)
+                lat.append(time.time() - t)
+            # a page's verdict can arrive before we look at it: the last page's wait bounds the others from above
+            res['upload_to_verdict_s'] = {'p50': round(statistics.median(lat), 2), 'p95': round(pct(lat, 0.95), 2),
+                                          'max': round(max(lat), 2), 'all': [round(x, 2) for x in lat]}
+            res['peak_mb'] = round(tree_rss_mb(server))
+            for pg in pages: pg.close()
+            t0 = time.time()
+            while n_kernels(server) and time.time() - t0 < 120: time.sleep(0.5)
+            res['freed_after_close_s'] = round(time.time() - t0, 1)
+            res['left_mb'] = round(tree_rss_mb(server))
+            for b in browsers: b.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM); proc.wait(30)
+    print(json.dumps(res, indent=1))
+    if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == '__main__': main()
