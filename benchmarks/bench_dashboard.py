@@ -9,19 +9,14 @@ the culling frees every session (and the memory left). Usage:
 `python benchmarks/bench_dashboard.py [--pages 10] [--model DIR] [--threads 1] [--json out.json]`.
 Not a test: numbers depend on the machine (2 cores here: N sessions share them).
 """
-import argparse, json, os, signal, socket, statistics, subprocess, sys, threading, time
+import argparse, json, shutil, statistics, time
 from pathlib import Path
 
 import psutil
 
 from cxr_covid_nbdev.core import default_model_dir, shared_data_dir
 from cxr_covid_nbdev.docs import CHROMIUM_ARGS
-from cxr_covid_nbdev.inference import dashboard_command
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+from cxr_covid_nbdev.inference import serve_dashboard
 
 
 def tree_rss_mb(proc: psutil.Process) -> float:
@@ -52,21 +47,16 @@ def main(argv=None):
     ap.add_argument('--json', default=None)
     a = ap.parse_args(argv)
     films = sorted((shared_data_dir()/'cxr-real'/'COVID-19').glob('*.jpg'))[:a.pages]
-    port = free_port()
-    argv_, env = dashboard_command(a.model or default_model_dir(), port, max_sessions=a.pages, cull_idle_s=a.cull_idle,
-                                   cull_interval_s=1, threads=a.threads)
-    proc = subprocess.Popen(argv_, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    server, url, res = psutil.Process(proc.pid), f'http://127.0.0.1:{port}/', {'pages': a.pages, 'threads': a.threads}
-    try:
-        for _ in range(120):
-            try: socket.create_connection(('127.0.0.1', port), timeout=1).close(); break
-            except OSError: time.sleep(1)
+    res = {'pages': a.pages, 'threads': a.threads}
+    with serve_dashboard(a.model or default_model_dir(), max_sessions=a.pages, cull_idle_s=a.cull_idle, cull_interval_s=1,
+                         threads=a.threads) as (url, proc):
+        server = psutil.Process(proc.pid)
         time.sleep(2); res['server_mb'] = round(tree_rss_mb(server))
         from playwright.sync_api import sync_playwright
         with sync_playwright() as p:
             # a browser each, as separate visitors: one Chromium holds at most 6 connections to a host, and each
             # open page keeps some, so the 7th page of one browser would wait for a free one
-            browsers = [p.chromium.launch(executable_path='/usr/bin/chromium', args=CHROMIUM_ARGS) for _ in range(a.pages)]
+            browsers = [p.chromium.launch(executable_path=shutil.which('chromium'), args=CHROMIUM_ARGS) for _ in range(a.pages)]
             pages = [b.new_page(viewport={'width': 1280, 'height': 900}) for b in browsers]
             t0, opened = time.time(), []
             for pg in pages: pg.goto(url, wait_until='commit', timeout=600_000)
@@ -96,8 +86,6 @@ def main(argv=None):
             res['freed_after_close_s'] = round(time.time() - t0, 1)
             res['left_mb'] = round(tree_rss_mb(server))
             for b in browsers: b.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM); proc.wait(30)
     print(json.dumps(res, indent=1))
     if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
 

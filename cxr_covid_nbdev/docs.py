@@ -536,17 +536,17 @@ def stage(out:Path|str|None=None, # the book's source folder; default `_build/_s
         done.mkdir(parents=True)
         for p in pages: shutil.copy(p, done/p.name)
     import nbformat
+    library = _library(nbs)
     for p in pages:
-        lib = p in _library(nbs)
-        mod = module_of(nbformat.read(str(p), as_version=4)) if lib else None
-        stage_notebook(done/p.name, out/('library' if lib else '')/p.name, title=f'cxr_covid_nbdev.{mod}' if mod else None)
+        mod = module_of(nbformat.read(str(p), as_version=4)) if p in library else None
+        stage_notebook(done/p.name, out/('library' if p in library else '')/p.name, title=f'cxr_covid_nbdev.{mod}' if mod else None)
     runs = []
     for d in list_runs():
         for nb in sorted(d.glob('*.ipynb')):
             stage_notebook(nb, out/'runs'/d.name/nb.name, title=run_title(d, nb), record=True)
             runs.append(f'runs/{d.name}/{nb.stem}')
-    chapters, library = [p.stem for p in _chapters(nbs)], [f'library/{p.stem}' for p in _library(nbs)]
-    atomic_write_text(out/'_toc.yml', yaml.safe_dump(toc(chapters, library, runs[::-1]), sort_keys=False))
+    toc_ = toc([p.stem for p in _chapters(nbs)], [f'library/{p.stem}' for p in library], runs[::-1])
+    atomic_write_text(out/'_toc.yml', yaml.safe_dump(toc_, sort_keys=False))
     return out
 
 # %% ../nbs/10_docs.ipynb #6041d5a0
@@ -649,22 +649,12 @@ def dashboard_screenshot(out:Path|str, # the PNG to write
     return out
 
 def serve_and_screenshot(out:Path|str|None=None, # default `nbs/figures/dashboard.png`
-                         model=None, # a model folder; default the packaged default model
-                         port:int=8877)->Path:
-    "`cxr-covid dashboard` on `model`, `dashboard_screenshot` of it, the server stopped"
-    import signal, socket, time
+                         model=None)->Path: # a model folder; default the packaged default model
+    "`dashboard_screenshot` of the dashboard served on `model` (`inference.serve_dashboard`)"
     from cxr_covid_nbdev.core import default_model_dir
-    from cxr_covid_nbdev.inference import dashboard_command
-    argv, env = dashboard_command(model or default_model_dir(), port)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        for _ in range(240):
-            if proc.poll() is not None: raise RuntimeError(f"the dashboard exited with status {proc.returncode}")
-            try: socket.create_connection(('127.0.0.1', port), timeout=1).close(); break
-            except OSError: time.sleep(1)
-        return dashboard_screenshot(out or repo_root()/'nbs'/'figures'/'dashboard.png', f'http://127.0.0.1:{port}/')
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM); proc.wait(30)
+    from cxr_covid_nbdev.inference import serve_dashboard
+    with serve_dashboard(model or default_model_dir()) as (url, _):
+        return dashboard_screenshot(out or repo_root()/'nbs'/'figures'/'dashboard.png', url)
 
 # %% ../nbs/10_docs.ipynb #d4673c5e
 def main(argv:list|None=None)->int:

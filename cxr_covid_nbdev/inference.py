@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/inference.html.md"""
 __all__ = ['ABSTAIN_NOT_CERTAIN', 'ABSTAIN_OOD', 'ABSTAIN_HEADER', 'CHEST_BODY_PARTS', 'LATERAL_VIEWS', 'MAX_UPLOAD_BYTES',
            'Preprocess', 'cache_dir', 'export_onnx', 'onnx_model', 'header_reason', 'Prediction', 'decide',
            'model_inputs', 'Predictor', 'overlay', 'find_images', 'dashboard_notebook', 'dashboard_command',
-           'add_commands']
+           'serve_dashboard', 'add_commands']
 
 # %% ../nbs/06_inference.ipynb #8af062b8
 import argparse, inspect, io, json, os, sys, warnings
@@ -399,6 +399,38 @@ def __getattr__(name:str):
     if name != 'SessionCap': raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()['SessionCap'] = cls = _session_cap_class()
     return cls
+
+# %% ../nbs/06_inference.ipynb #3d3cdec4
+from contextlib import contextmanager
+
+def _free_port()->int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+@contextmanager
+def serve_dashboard(model_dir:Path|str, # the model folder the sessions load
+                    port:int|None=None, # `None`: a free port
+                    timeout_s:int=240, # how long Voila may take to open its port
+                    **kwargs): # the other settings of `dashboard_command`
+    "Serve the dashboard in the background while the block runs; yields `(url, process)`, and always stops it"
+    import signal, socket, subprocess, time
+    port = port or _free_port()
+    argv, env = dashboard_command(model_dir, port, **kwargs)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        end = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None: raise RuntimeError(f"the dashboard exited with status {proc.returncode}")
+            try: socket.create_connection(('127.0.0.1', port), timeout=1).close(); break
+            except OSError:
+                if time.time() > end: raise TimeoutError(f"the dashboard did not open port {port} in {timeout_s} s") from None
+                time.sleep(0.5)
+        yield f'http://127.0.0.1:{port}/', proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait(30)
 
 # %% ../nbs/06_inference.ipynb #63f066c6
 def add_commands(subparsers:argparse._SubParsersAction):

@@ -167,18 +167,14 @@ def test_docs_screenshot_of_the_dashboard(dashboard, tmp_path):
     assert w == 1280 and h > 900  # two result cards below the header
 
 
-def test_sessions_are_capped_and_freed(tiny_model_dir, tmp_path):
+def test_sessions_are_capped_and_freed(tiny_model_dir, tmp_path, monkeypatch):
     """At most `max_sessions` kernels: the next visitor gets a "busy" page; a closed page's kernel is culled, and the
     memory held returns to within 300 MB of one idle session. N sessions opened and closed one after another leave none."""
     import urllib.error, urllib.request
     import psutil
     from playwright.sync_api import sync_playwright
-    from cxr_covid_nbdev.inference import dashboard_command
-    port = _free_port()
-    argv, env = dashboard_command(tiny_model_dir, port, max_sessions=2, cull_idle_s=2, cull_interval_s=1)
-    env['CXR_COVID_CACHE'] = str(tmp_path/'cache')
-    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    server, url = psutil.Process(proc.pid), f'http://127.0.0.1:{port}/'
+    from cxr_covid_nbdev.inference import serve_dashboard
+    monkeypatch.setenv('CXR_COVID_CACHE', str(tmp_path/'cache'))
     def kernels():
         out = []
         for c in server.children(recursive=True):
@@ -196,30 +192,25 @@ def test_sessions_are_capped_and_freed(tiny_model_dir, tmp_path):
         end = time.time() + timeout
         while kernels() and time.time() < end: time.sleep(0.25)
         return not kernels()
-    try:
-        _wait_port(port, proc)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            def open_session():
-                pg = browser.new_page()
-                pg.goto(url, timeout=180_000); pg.wait_for_selector('.cxr-upload', timeout=180_000)
-                return pg
-            a = open_session()
-            one_idle = rss_mb()
-            b = open_session()
-            assert len(kernels()) == 2
-            with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(url, timeout=60)
-            assert e.value.code == 503
-            busy = browser.new_page(); busy.goto(url)
-            assert 'Busy, try again in a minute' in busy.inner_text('body') and len(kernels()) == 2
-            for pg in (a, b, busy): pg.close()
-            assert all_culled(), 'the closed pages kept their kernels'
-            for _ in range(2):  # one after another (10 in the load benchmark)
-                open_session().close()
-            assert all_culled(), 'sessions opened and closed one after another were not all freed'
-            assert rss_mb() < one_idle + 300, (rss_mb(), one_idle)
-            browser.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try: proc.wait(20)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait(20)
+    with serve_dashboard(tiny_model_dir, max_sessions=2, cull_idle_s=2, cull_interval_s=1) as (url, proc), sync_playwright() as p:
+        server = psutil.Process(proc.pid)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        def open_session():
+            pg = browser.new_page()
+            pg.goto(url, timeout=180_000); pg.wait_for_selector('.cxr-upload', timeout=180_000)
+            return pg
+        a = open_session()
+        one_idle = rss_mb()
+        b = open_session()
+        assert len(kernels()) == 2
+        with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(url, timeout=60)
+        assert e.value.code == 503
+        busy = browser.new_page(); busy.goto(url)
+        assert 'Busy, try again in a minute' in busy.inner_text('body') and len(kernels()) == 2
+        for pg in (a, b, busy): pg.close()
+        assert all_culled(), 'the closed pages kept their kernels'
+        for _ in range(2):  # one after another (10 in the load benchmark)
+            open_session().close()
+        assert all_culled(), 'sessions opened and closed one after another were not all freed'
+        assert rss_mb() < one_idle + 300, (rss_mb(), one_idle)
+        browser.close()
