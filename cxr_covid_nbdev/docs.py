@@ -650,9 +650,9 @@ def dashboard_screenshot(out:Path|str, # the PNG to write
 
 def serve_and_screenshot(out:Path|str|None=None, # default `nbs/figures/dashboard.png`
                          model=None)->Path: # a model folder; default the packaged default model
-    "`dashboard_screenshot` of the dashboard served on `model` (`inference.serve_dashboard`)"
+    "`dashboard_screenshot` of the dashboard served on `model` (`dashboard.serve_dashboard`)"
     from cxr_covid_nbdev.core import default_model_dir
-    from cxr_covid_nbdev.inference import serve_dashboard
+    from cxr_covid_nbdev.dashboard import serve_dashboard
     with serve_dashboard(model or default_model_dir()) as (url, _):
         return dashboard_screenshot(out or repo_root()/'nbs'/'figures'/'dashboard.png', url)
 

@@ -236,13 +236,6 @@ def test_cli_dashboard_without_model(tmp_path, monkeypatch, capsys):
     assert 'No model yet' in err and 'Traceback' not in err
 
 
-def test_dashboard_command(untrained_dir):
-    argv, env = inference.dashboard_command(untrained_dir, 8123)
-    assert Path(argv[3]) == inference.dashboard_notebook() and argv[3].endswith('dashboards/cxr_dashboard.ipynb')
-    assert env['CXR_COVID_MODEL'] == str(untrained_dir.resolve())
-    assert {'--no-browser', '--port=8123', '--Voila.ip=127.0.0.1', '--strip_sources=True', '--show_tracebacks=False'} <= set(argv)
-
-
 def test_auto_backend_falls_back_to_torch(untrained_dir, tmp_path, monkeypatch, cxr_real):
     "When the ONNX export cannot be cached, 'auto' warns and uses torch; an explicit 'onnx' fails"
     (tmp_path/'not-a-folder').write_text('x')
