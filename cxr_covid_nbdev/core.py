@@ -8,7 +8,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/core.html.md"""
 __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SIZE', 'MANIFEST_COLUMNS', 'MODEL_FILES',
            'FIX_PRODUCTION', 'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes',
            'atomic_write_text', 'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'shared_data_dir',
-           'seed_everything', 'library_versions', 'utc_timestamp', 'NoModelError', 'default_model_dir',
+           'seed_everything', 'library_versions', 'utc_timestamp', 'UsageError', 'NoModelError', 'default_model_dir',
            'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir', 'fit_longest_side',
            'model_input', 'create_model', 'save_model_dir', 'read_meta', 'load_model_dir', 'check_model_runs',
            'cam_layer', 'grad_cam', 'softmax_t', 'energy_score']
@@ -167,6 +167,9 @@ def utc_timestamp()->str:
 
 # %% ../nbs/00_core.ipynb #3fee37ac
 MODEL_FILES = ('model.safetensors', 'meta.json')
+
+class UsageError(Exception):
+    "An error the user can fix; `cxr-covid` prints it without a traceback"
 
 class NoModelError(FileNotFoundError):
     "No model was given and none is installed"

@@ -192,6 +192,7 @@ def voila_command(port:int, # port on 127.0.0.1
               f'Voila.launch_instance(argv=sys.argv[1:], tornado_settings={{"websocket_max_message_size": {MAX_UPLOAD_BYTES}}})')
     argv = [sys.executable, '-c', launch, str(dashboard_notebook()), '--no-browser', f'--port={int(port)}',
             '--Voila.ip=127.0.0.1', '--strip_sources=True', '--show_tracebacks=False',
+            '--VoilaExecutor.iopub_timeout=120',  # nbclient's 4 s drop the page's widgets when many sessions start at once
             '--VoilaConfiguration.multi_kernel_manager_class=cxr_covid_nbdev.dashboard.SessionCap',
             f'--SessionCap.max_sessions={int(max_sessions)}',
             f'--MappingKernelManager.cull_idle_timeout={int(cull_idle_s)}',

@@ -518,6 +518,29 @@ def _dup_report(df:pd.DataFrame, pairs:pd.DataFrame)->dict:
     return dict(pairs=len(pairs), groups=groups, **{k: sum(g[k] for g in groups)
                                                     for k in ('cross_split', 'cross_source', 'cross_input')})
 
+def _read_sources(srcs:list, layout:str|None)->tuple:
+    "(every listed image of `srcs`, one frame with an `input` column; the layout of each source; the excluded rows)"
+    dfs = [read_dataset(s, layout) for s in srcs]
+    df = pd.concat([d.assign(input=str(Path(s).resolve())) for s, d in zip(srcs, dfs)], ignore_index=True).fillna('')
+    return df, [d.attrs['layout'] for d in dfs], [e for d in dfs for e in d.attrs.get('excluded', [])]
+
+def _shrink_all(df:pd.DataFrame, srcs:list, size:int, quality:int, n_workers:int)->tuple:
+    "(the usable rows with `sha1`, `phash` and their new `path`, sorted by it; their JPEG results; the skipped files)"
+    import imagehash, sklearn.model_selection  # imported once here, so forked workers inherit them
+    res = _map(_prepare_one, [(p, size, quality) for p in df.path], n_workers, 'prepare')
+    ok = np.array([r['ok'] for r in res], dtype=bool)
+    skipped = [dict(path=p, reason=r['reason']) for p, r in zip(df.path, res) if not r['ok']]
+    if not ok.any():
+        why = '; '.join(s['reason'] for s in skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else '')
+        raise ValueError(f"{', '.join(map(str, srcs))}: no usable image among {len(df)}: {why}" if len(df) else
+                         f"{', '.join(map(str, srcs))}: no image found")
+    good, res = df[ok].rename(columns={'path': 'original'}).reset_index(drop=True), [r for r in res if r['ok']]
+    good['sha1'] = [hashlib.sha1(r['data']).hexdigest() for r in res]
+    good['phash'] = [r['hash'] for r in res]
+    good['path'] = _out_names(good.assign(path=good.original))
+    order = np.argsort(good.path.values, kind='stable')  # a stable order that does not depend on which other files were bad
+    return good.iloc[order].reset_index(drop=True), [res[i] for i in order], skipped
+
 def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
             out:Path|str, # folder to create
             size:int=DEFAULT_SIZE, # longer side of the saved images (never enlarged)
@@ -534,47 +557,23 @@ def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
     if not srcs: raise ValueError("prepare needs at least one source")
     out = Path(out)
     if out.exists() and not overwrite: raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
-    dfs = []
-    for s in srcs:
-        d = read_dataset(s, layout)
-        dfs.append(d.assign(input=str(Path(s).resolve())))
-    excluded = [e for d in dfs for e in d.attrs.get('excluded', [])]
-    df = pd.concat(dfs, ignore_index=True).fillna('')
-    n_workers = n_workers or os.cpu_count() or 1
-    import imagehash, sklearn.model_selection  # imported once here, so forked workers inherit them
-    res = _map(_prepare_one, [(p, size, quality) for p in df.path], n_workers, 'prepare')
-    ok = np.array([r['ok'] for r in res], dtype=bool)
-    skipped = [dict(path=p, reason=r['reason']) for p, r in zip(df.path, res) if not r['ok']]
-    if not ok.any():
-        why = '; '.join(s['reason'] for s in skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else '')
-        raise ValueError(f"{', '.join(map(str, srcs))}: no usable image among {len(df)}: {why}" if len(df) else
-                         f"{', '.join(map(str, srcs))}: no image found")
-    good = df[ok].rename(columns={'path': 'original'}).reset_index(drop=True)
-    res = [r for r in res if r['ok']]
-    good['sha1'] = [hashlib.sha1(r['data']).hexdigest() for r in res]
-    good['phash'] = [r['hash'] for r in res]
-    good['path'] = _out_names(good.assign(path=good.original))
-    # a stable order that does not depend on which other files were bad
-    order = np.argsort(good.path.values, kind='stable')
-    good, res = good.iloc[order].reset_index(drop=True), [res[i] for i in order]
+    df, layouts, excluded = _read_sources(srcs, layout)
+    good, res, skipped = _shrink_all(df, srcs, size, quality, n_workers or os.cpu_count() or 1)
     pairs = hash_pairs(good.phash.tolist(), None, dup_distance)
     groups = split_groups(good, pairs)
     good['split'] = assign_split(good, groups, valid_pct, seed)
-    strad = straddling(good, groups)
-    cols = list(MANIFEST_COLUMNS) + [c for c in good.columns if c not in MANIFEST_COLUMNS and c != 'input'] + ['input']
-    good = good[cols]
-    counts = {sp: good[good.split == sp].label.value_counts().reindex(LABELS, fill_value=0).to_dict()
-              for sp in sorted(set(good.split))}
+    good = good[list(MANIFEST_COLUMNS) + [c for c in good.columns if c not in MANIFEST_COLUMNS and c != 'input'] + ['input']]
+    counts = {sp: good[good.split == sp].label.value_counts().reindex(LABELS, fill_value=0).to_dict() for sp in sorted(set(good.split))}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for lab in LABELS: (tmp/'images'/lab).mkdir(parents=True, exist_ok=True)
         for rel, r in zip(good.path, res): (tmp/rel).write_bytes(r['data'])
         atomic_write_text(tmp/'manifest.csv', good.to_csv(index=False))
         atomic_write_json(tmp/'prepare.json', dict(size=size, sources=[str(Path(s).resolve()) for s in srcs],
-            layouts=[d.attrs['layout'] for d in dfs], counts=counts, n_images=len(good), n_skipped=len(skipped),
+            layouts=layouts, counts=counts, n_images=len(good), n_skipped=len(skipped),
             seed=seed, valid_pct=valid_pct, dup_distance=dup_distance, hash=f'phash{HASH_SIZE}', quality=quality,
             created=utc_timestamp(), versions=library_versions()))
         atomic_write_json(tmp/'report.json', dict(skipped=skipped, excluded=excluded,
-            near_duplicates=_dup_report(good, pairs), straddling=strad))
+            near_duplicates=_dup_report(good, pairs), straddling=straddling(good, groups)))
     return out
 
 # %% ../nbs/01_data.ipynb #8242b86e

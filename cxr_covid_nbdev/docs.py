@@ -8,13 +8,12 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/docs.html.md"""
 __all__ = ['RUN_NAME', 'SUMMARY_KEYS', 'NO_RUN', 'NO_CROSSVAL', 'SOURCES', 'MACHINE_PATH', 'CHROMIUM_ARGS', 'repo_root',
            'runs_dir', 'run_figures_dir', 'read_json', 'run_kind', 'list_runs', 'latest_run', 'load_run',
            'predictions_of', 'scalar', 'fmt', 'fmt_ci', 'per_class_table', 'summary_table', 'subsets_of',
-           'subsets_table', 'shortcut_table', 'metrics_from_labels', 'note', 'html_table', 'show_image', 'key_results',
-           'history_frame', 'paper_block', 'deviations', 'nonfinite_epochs', 'is_external', 'evaluation_caption',
-           'evaluation_heading', 'latest_crossval', 'unseen_results', 'paper_reported', 'comparison_table', 'source_of',
-           'load_manifest', 'counts', 'index_path', 'render_readme', 'sync_readme', 'execute_index', 'readme_problems',
-           'module_of', 'stage_notebook', 'run_title', 'execute_notebook', 'execute_all', 'toc', 'stage', 'build',
-           'site_problems', 'newest_numbers', 'screenshot_files', 'dashboard_screenshot', 'serve_and_screenshot',
-           'main']
+           'subsets_table', 'shortcut_table', 'note', 'html_table', 'show_image', 'key_results', 'history_frame',
+           'paper_block', 'deviations', 'nonfinite_epochs', 'is_external', 'evaluation_caption', 'evaluation_heading',
+           'latest_crossval', 'unseen_results', 'paper_reported', 'comparison_table', 'source_of', 'load_manifest',
+           'counts', 'index_path', 'render_readme', 'sync_readme', 'execute_index', 'readme_problems', 'module_of',
+           'stage_notebook', 'run_title', 'execute_notebook', 'execute_all', 'toc', 'stage', 'build', 'site_problems',
+           'newest_numbers', 'screenshot_files', 'dashboard_screenshot', 'serve_and_screenshot', 'main']
 
 # %% ../nbs/10_docs.ipynb #f5d08493
 import argparse, builtins, json, math, os, re, shutil, subprocess, sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 from .core import LABELS, atomic_write_text, shared_data_dir
+from .metrics import class_recall
 
 # %% ../nbs/10_docs.ipynb #4a16ec07
 def repo_root()->Path:
@@ -142,12 +142,9 @@ def subsets_table(metrics:dict)->pd.DataFrame|None:
     "Accuracy, macro F1 (over the classes present) and COVID-19 recall per subset (adult, pediatric...), or `None` without subsets"
     subs = subsets_of(metrics)
     if not subs: return None
-    def covid_recall(s):  # no COVID-19 image in the subset: no recall, not 0
-        c = (s.get('per_class') or {}).get('COVID-19') or {}
-        return '—' if c.get('support') == 0 else fmt(c.get('recall'))
     from cxr_covid_nbdev.model_card import present_macro_f1  # a subset may lack classes: average over those present
     rows = {name: {'images': fmt(s.get('n')), 'accuracy': fmt(s.get('accuracy')), 'macro F1': fmt(present_macro_f1(s)),
-                   'COVID-19 recall': covid_recall(s)} for name, s in subs.items() if isinstance(s, dict)}
+                   'COVID-19 recall': fmt(class_recall(s, 'COVID-19'))} for name, s in subs.items() if isinstance(s, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('subset')
 
 # %% ../nbs/10_docs.ipynb #a5f3cadb
@@ -159,20 +156,6 @@ def shortcut_table(metrics:dict)->pd.DataFrame|None:
     return pd.DataFrame.from_dict({g: {'Normal images': fmt(v.get('n')), 'called COVID-19': fmt(v.get('k')),
                                        'rate': fmt(v), 'rate 95% CI': fmt_ci(v.get('ci95'))} for g, v in rows.items()},
                                   orient='index').rename_axis('age group')
-
-# %% ../nbs/10_docs.ipynb #9f4f02c6
-def metrics_from_labels(y_true:list, # true labels
-                        y_pred:list, # predicted labels
-                        labels=LABELS)->dict: # class order
-    "Table-1 numbers in the `metrics.json` layout from two label lists (scikit-learn; no AUROC or calibration)"
-    import numpy as np
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
-    yt, yp = np.asarray(y_true), np.asarray(y_pred)
-    p, r, f, s = precision_recall_fscore_support(yt, yp, labels=list(labels), zero_division=0)
-    pc = {lab: {'precision': p[i], 'recall': r[i], 'f1': f[i], 'support': int(s[i]),
-                'accuracy': float(((yt == lab) == (yp == lab)).mean())} for i, lab in enumerate(labels)}
-    return {'labels': list(labels), 'n': len(yt), 'accuracy': accuracy_score(yt, yp),
-            'macro_f1': f1_score(yt, yp, labels=list(labels), average='macro', zero_division=0), 'per_class': pc}
 
 # %% ../nbs/10_docs.ipynb #0dfb5baf
 def note(text:str)->'IPython.display.Markdown':

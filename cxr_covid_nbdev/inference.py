@@ -10,7 +10,7 @@ __all__ = ['ABSTAIN_NOT_CERTAIN', 'ABSTAIN_OOD', 'ABSTAIN_HEADER', 'CHEST_BODY_P
            'Explanation', 'png_base64', 'PredictionService', 'prediction_service', 'find_images', 'add_commands']
 
 # %% ../nbs/06_inference.ipynb #8af062b8
-import argparse, base64, inspect, io, itertools, json, os, queue, secrets, sys, threading, warnings
+import argparse, base64, ctypes, inspect, io, itertools, json, os, queue, secrets, sys, threading, warnings
 from collections import OrderedDict
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -338,6 +338,11 @@ def png_base64(img:Image.Image)->str:
     buf = io.BytesIO(); img.save(buf, format='PNG')
     return base64.b64encode(buf.getvalue()).decode('ascii')
 
+def _return_freed_memory():
+    "Hand freed heap memory back to the system: glibc keeps it (some 500 MB after ten Grad-CAMs of a ResNet-50)"
+    try: ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError): pass  # not glibc
+
 class PredictionService:
     "The model of every dashboard session: uploads in; verdicts, then Grad-CAM overlays, out, as JSON-ready dicts"
     VERDICT, PICTURE = 0, 1  # job priorities: verdicts first
@@ -354,6 +359,7 @@ class PredictionService:
             _, _, fn, fut = self._jobs.get()
             try: fut.set_result(fn())
             except BaseException as e: fut.set_exception(e)
+            if self._jobs.empty(): _return_freed_memory()
 
     def _run(self, priority:int, fn):
         "Run `fn` in the service's one worker, after every job of a higher priority; its result"

@@ -6,8 +6,8 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/metrics.html.md"""
 
 # %% auto #0
 __all__ = ['encode_labels', 'auroc_ci', 'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error',
-           'compute_metrics', 'rate_ci', 'group_report', 'format_groups', 'metrics_table', 'format_metrics', 'roc_band',
-           'plot_confusion_matrix', 'plot_roc', 'plot_reliability']
+           'compute_metrics', 'rate_ci', 'class_recall', 'group_report', 'format_groups', 'metrics_table',
+           'format_metrics', 'roc_band', 'plot_confusion_matrix', 'plot_roc', 'plot_reliability']
 
 # %% ../nbs/04_metrics.ipynb #ce22e646
 import numpy as np
@@ -138,6 +138,13 @@ def rate_ci(k:int, n:int)->dict:
     from scipy.stats import binomtest
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method='wilson')
     return {'value': k / n, 'ci95': [float(ci.low), float(ci.high)], 'k': int(k), 'n': int(n)}
+
+# %% ../nbs/04_metrics.ipynb #e2c470a9
+def class_recall(m:dict, # the result of `compute_metrics`
+                 label:str='COVID-19')->float|None: # the class
+    "Recall of `label` in `m`, or `None` when the data held no image of it"
+    pc = (m.get('per_class') or {}).get(label) or {}
+    return None if not pc.get('support', 1) else pc.get('recall')
 
 # %% ../nbs/04_metrics.ipynb #d9795bbc
 def group_report(df:pd.DataFrame, # rows with `label` and the `column`, as `probs`

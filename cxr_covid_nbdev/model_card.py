@@ -69,7 +69,7 @@ def present_macro_f1(m:dict)->float|None:
     f1 = [c['f1'] for c in m['per_class'].values() if c['support'] > 0]
     return float(np.mean(f1)) if f1 else None
 
-# %% ../nbs/05a_model_card.ipynb #fa0345cc
+# %% ../nbs/05a_model_card.ipynb #e5b660c8
 _NOTICE = ("**This is a research tool, not a medical device.** It has not been cleared or approved by any "
            "regulator, it must not be used to diagnose, treat or triage anyone, and its outputs must not "
            "replace the judgement of a qualified clinician.")
@@ -112,6 +112,76 @@ def _recipe_lines(r:dict)->list:
 
 def _row(cells:list)->str: return '| ' + ' | '.join(cells) + ' |'
 
+# %% ../nbs/05a_model_card.ipynb #7d51acbb
+def _intended_use_section(meta:dict)->list:
+    return ['## Intended use',
+        'Research and teaching: to reproduce and stress-test Gueguim Kana et al. (2020) and to show how a chest-radiograph '
+        'classifier can fail. Inputs: one frontal chest radiograph (PNG, JPEG or DICOM). Output: calibrated probabilities for '
+        f"{', '.join(meta['labels'])}, or an abstention (\"Not Certain\") when the image is unlike the training data.",
+        'Out of scope: any clinical decision, screening, triage, children or adults outside the populations described below, '
+        'lateral views, CT, and images from devices or hospitals unlike the sources below.', '']
+
+def _training_data_section(training_data:dict|pd.DataFrame|None)->list:
+    return ['## Training data', _provenance(training_data), '',
+        'Licences are as stated by each source (several are non-commercial or unstated; see the data READMEs). '
+        'Every Kermany (Normal, Pneumonia) image is of a child aged 1–5; every COVID-19 image is of an adult.', '']
+
+def _recipe_section(meta:dict, metrics:dict, run:dict)->list:
+    r, p, ood = meta.get('recipe', {}), run.get('parameters', {}), meta.get('ood') or {}
+    bad = [h for h in metrics.get('history', []) if any(isinstance(v, float) and not np.isfinite(v) for v in h.values())]
+    bad_epochs = ', '.join(f"{h.get('stage', '')} epoch {h.get('epoch')}".strip() for h in bad)
+    imagenet = 'yes (torchvision ImageNet weights)' if meta.get('imagenet_pretrained') else \
+               'no: trained from random initialisation, because ImageNet weights cannot be downloaded where it was trained'
+    return ['## Recipe',
+        f"- architecture: {meta.get('arch')}, fastai head; input {meta.get('size')}×{meta.get('size')} px "
+        f"(images prepared at {meta.get('prepare_size')} px), ImageNet normalisation",
+        f"- ImageNet weights: {imagenet}",
+        f"- epochs: {meta.get('freeze_epochs')} frozen + {meta.get('epochs')} unfrozen, "
+        f"discriminative learning rates {r.get('lr_min')}..{r.get('lr_max')} ({r.get('schedule', 'one-cycle')}), batch size {r.get('bs')}, "
+        f"mixed precision: {'yes' if r.get('mixed_precision') else 'no'}",
+        *_recipe_lines(r),
+        f"- classes balanced to {r.get('balance')} training images",
+        f"- trained on: {run.get('device', 'unknown')} in {run.get('train_seconds', '–')} s; seed {meta.get('seed')}",
+        f"- calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split, so the calibration "
+        "error below, measured on the same split, is optimistic",
+        f"- abstention: the trained Not Certain class, or an energy score above {ood.get('threshold', float('nan')):.3f} "
+        f"(the {ood.get('percentile', 95):g}th percentile of the validation images that are not Not Certain); the energy rule "
+        f"alone flags {_fmt(ood.get('not_certain_flagged'), True)} of the Not Certain validation images, so the trained class does most of the rejecting",
+        f"- differences from the paper's recipe: {'' if meta.get('imagenet_pretrained') else 'no ImageNet weights (random initialisation); '}"
+        f"{'' if r.get('name', 'paper') == 'paper' else 'the ' + r['name'] + ' recipe above; '}{p.get('reduced') or 'nothing else'}",
+        *([f"- the validation loss was not finite after {len(bad)} epoch(s) ({bad_epochs}: a mixed-precision "
+            "overflow in evaluation); training went on and later epochs were finite"] if bad else []), '']
+
+def _validation_section(metrics:dict)->list:
+    if 'confusion_matrix' not in metrics:
+        return ['## Validation metrics', 'No validation metrics were recorded with this model: it has not been evaluated.', '']
+    cis = confusion_cis(metrics)
+    lines = [f"## Validation metrics (patient-level validation split, n = {metrics.get('n')})",
+        f"Accuracy {_ci(cis['accuracy'])}, macro F1 {_fmt(metrics.get('macro_f1'))}, "
+        f"expected calibration error {_fmt(metrics.get('ece'))}. Intervals are 95%: Wilson for proportions, "
+        "bootstrap for AUROC.", '', metrics_table(metrics).to_markdown(floatfmt='.3f'), '',
+        '| class | precision (95% CI) | recall (95% CI) |', '|---|---|---|',
+        *[f"| {l} | {_ci(cis[l]['precision'])} | {_ci(cis[l]['recall'])} |" for l in metrics['labels']], '']
+    s95 = metrics.get('covid_sensitivity_at_95_specificity')
+    if isinstance(s95, dict): lines += [f"COVID-19 sensitivity at 95% specificity: {_fmt(s95.get('sensitivity', s95.get('value')))}.", '']
+    return lines
+
+def _shortcut_section(metrics:dict, labels:list)->list:
+    sc = metrics.get('shortcut', {})
+    lines = ['## The shortcut check: adults and children apart',
+             'Recall per class (support) within each age group; macro F1 over the classes present in the group.', '',
+             '| subset | n | accuracy (95% CI) | macro F1 | ' + ' | '.join(f'{l} recall' for l in labels) + ' |',
+             '|---|---|---|---|' + '---|' * len(labels)]
+    if not sc.get('subsets'): lines.append('| not computed: the training data has no `age_group` column | | | |' + ' |' * len(labels))
+    for g, sm in sc.get('subsets', {}).items():
+        sci = confusion_cis(sm)
+        rec = [f"{_fmt(sm['per_class'][l]['recall'])} ({sm['per_class'][l]['support']})" if sm['per_class'][l]['support'] else '–' for l in labels]
+        lines.append(f"| {g} | {sm.get('n')} | {_ci(sci['accuracy'])} | {_fmt(present_macro_f1(sm))} | " + ' | '.join(rec) + ' |')
+    return lines + ['', 'COVID-19 false-positive rate on Normal films (Wilson 95% CI):',
+              f"- adult Normal: {_ci(sc.get('covid_fpr_normal_adult'), True)} of {sc.get('covid_fpr_normal_adult', {}).get('n', 0)}",
+              f"- pediatric Normal: {_ci(sc.get('covid_fpr_normal_pediatric'), True)} of {sc.get('covid_fpr_normal_pediatric', {}).get('n', 0)}", '']
+
+# %% ../nbs/05a_model_card.ipynb #f34da3c6
 def _sites_section(metrics:dict, labels:list)->list:
     "Validation recall per site (`metrics['by_site']`)"
     bs = metrics.get('by_site')
@@ -154,83 +224,29 @@ def _lung_share_section(metrics:dict)->list:
             'evenly spread map would have.', '', '| class | mean share | median | images |', '|---|---|---|---|',
             *[_row([l, _fmt(v['mean']), _fmt(v['median']), str(v['n'])]) for l, v in ls.items() if not l.startswith('_')], '']
 
+# %% ../nbs/05a_model_card.ipynb #4650baf3
+_FAILURE_MODES = ['## Known failure modes',
+    '- **Shortcut learning.** Age, body habitus, source and burned-in markers separate the classes in the training data; '
+    'the adult/pediatric numbers above show how much of the accuracy survives within one age group.',
+    '- **No external validation here.** The validation split shares sources (hospitals, devices, publications) with training; '
+    'performance on an independent hospital will be lower.',
+    '- **Not Certain is narrow.** It was trained on lateral films, CT, MRI and photos only. Before the model answers, a '
+    'lung-field check (`lungs.check_lungs`) refuses images without two plausible lung fields, and the DICOM header '
+    'refuses other body parts and lateral views; a radiograph of another body part that passes both relies on the '
+    'out-of-distribution score, which is weak for a model trained from scratch, and can receive a confident verdict.',
+    '- **Labels are noisy.** NIH labels were mined from reports; BIMCV COVID-19 positives include normal-looking films.',
+    '- **Calibration** holds for the validation distribution only.', '']
+
 def model_card_markdown(meta:dict, # the model's meta.json
-                        metrics:dict, # the model's metrics.json (validation metrics, `shortcut`, `history`)
+                        metrics:dict, # the model's metrics.json (validation metrics, `shortcut`, `history`); `{}` if never evaluated
                         training_data:dict|pd.DataFrame|None=None, # `training_data_summary` of its training data (or the manifest)
                         run:dict|None=None)->str: # the training run's run.json
-    "The model card of a model, as Markdown, from its own metadata and metrics"
-    run, r = run or {}, meta.get('recipe', {})
-    p = run.get('parameters', {})
-    sc = metrics.get('shortcut', {})
-    cis = confusion_cis(metrics)
-    ood = meta.get('ood') or {}
-    bad = [h for h in metrics.get('history', []) if any(isinstance(v, float) and not np.isfinite(v) for v in h.values())]
-    bad_epochs = ', '.join(f"{h.get('stage', '')} epoch {h.get('epoch')}".strip() for h in bad)
-    imagenet = 'yes (torchvision ImageNet weights)' if meta.get('imagenet_pretrained') else \
-               'no: trained from random initialisation, because ImageNet weights cannot be downloaded where it was trained'
-    lines = [f"# Model card: {meta.get('arch')} · {meta.get('sha256', '')[:12]}", '', _NOTICE, '',
-        '## Intended use',
-        'Research and teaching: to reproduce and stress-test Gueguim Kana et al. (2020) and to show how a chest-radiograph '
-        'classifier can fail. Inputs: one frontal chest radiograph (PNG, JPEG or DICOM). Output: calibrated probabilities for '
-        f"{', '.join(meta['labels'])}, or an abstention (\"Not Certain\") when the image is unlike the training data.",
-        'Out of scope: any clinical decision, screening, triage, children or adults outside the populations described below, '
-        'lateral views, CT, and images from devices or hospitals unlike the sources below.', '',
-        '## Training data', _provenance(training_data), '',
-        'Licences are as stated by each source (several are non-commercial or unstated; see the data READMEs). '
-        'Every Kermany (Normal, Pneumonia) image is of a child aged 1–5; every COVID-19 image is of an adult.', '',
-        '## Recipe',
-        f"- architecture: {meta.get('arch')}, fastai head; input {meta.get('size')}×{meta.get('size')} px "
-        f"(images prepared at {meta.get('prepare_size')} px), ImageNet normalisation",
-        f"- ImageNet weights: {imagenet}",
-        f"- epochs: {meta.get('freeze_epochs')} frozen + {meta.get('epochs')} unfrozen, "
-        f"discriminative learning rates {r.get('lr_min')}..{r.get('lr_max')} ({r.get('schedule', 'one-cycle')}), batch size {r.get('bs')}, "
-        f"mixed precision: {'yes' if r.get('mixed_precision') else 'no'}",
-        *_recipe_lines(r),
-        f"- classes balanced to {r.get('balance')} training images",
-        f"- trained on: {run.get('device', 'unknown')} in {run.get('train_seconds', '–')} s; seed {meta.get('seed')}",
-        f"- calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split, so the calibration "
-        "error below, measured on the same split, is optimistic",
-        f"- abstention: the trained Not Certain class, or an energy score above {ood.get('threshold', float('nan')):.3f} "
-        f"(the {ood.get('percentile', 95):g}th percentile of the validation images that are not Not Certain); the energy rule "
-        f"alone flags {_fmt(ood.get('not_certain_flagged'), True)} of the Not Certain validation images, so the trained class does most of the rejecting",
-        f"- differences from the paper's recipe: {'' if meta.get('imagenet_pretrained') else 'no ImageNet weights (random initialisation); '}"
-        f"{'' if r.get('name', 'paper') == 'paper' else 'the ' + r['name'] + ' recipe above; '}{p.get('reduced') or 'nothing else'}",
-        *([f"- the validation loss was not finite after {len(bad)} epoch(s) ({bad_epochs}: a mixed-precision "
-            "overflow in evaluation); training went on and later epochs were finite"] if bad else []), '',
-        f"## Validation metrics (patient-level validation split, n = {metrics.get('n')})",
-        f"Accuracy {_ci(cis['accuracy'])}, macro F1 {_fmt(metrics.get('macro_f1'))}, "
-        f"expected calibration error {_fmt(metrics.get('ece'))}. Intervals are 95%: Wilson for proportions, "
-        "bootstrap for AUROC.", '', metrics_table(metrics).to_markdown(floatfmt='.3f'), '',
-        '| class | precision (95% CI) | recall (95% CI) |', '|---|---|---|',
-        *[f"| {l} | {_ci(cis[l]['precision'])} | {_ci(cis[l]['recall'])} |" for l in metrics['labels']], '']
-    s95 = metrics.get('covid_sensitivity_at_95_specificity')
-    if isinstance(s95, dict): lines += [f"COVID-19 sensitivity at 95% specificity: {_fmt(s95.get('sensitivity', s95.get('value')))}.", '']
-    labels = metrics['labels']
-    lines += ['## The shortcut check: adults and children apart',
-              'Recall per class (support) within each age group; macro F1 over the classes present in the group.', '',
-              '| subset | n | accuracy (95% CI) | macro F1 | ' + ' | '.join(f'{l} recall' for l in labels) + ' |',
-              '|---|---|---|---|' + '---|' * len(labels)]
-    if not sc.get('subsets'): lines.append('| not computed: the training data has no `age_group` column | | | |' + ' |' * len(labels))
-    for g, sm in sc.get('subsets', {}).items():
-        sci = confusion_cis(sm)
-        rec = [f"{_fmt(sm['per_class'][l]['recall'])} ({sm['per_class'][l]['support']})" if sm['per_class'][l]['support'] else '–' for l in labels]
-        lines.append(f"| {g} | {sm.get('n')} | {_ci(sci['accuracy'])} | {_fmt(present_macro_f1(sm))} | " + ' | '.join(rec) + ' |')
-    lines += ['', 'COVID-19 false-positive rate on Normal films (Wilson 95% CI):',
-              f"- adult Normal: {_ci(sc.get('covid_fpr_normal_adult'), True)} of {sc.get('covid_fpr_normal_adult', {}).get('n', 0)}",
-              f"- pediatric Normal: {_ci(sc.get('covid_fpr_normal_pediatric'), True)} of {sc.get('covid_fpr_normal_pediatric', {}).get('n', 0)}", '',
-              *_sites_section(metrics, labels), *_crossval_section(metrics), *_lung_share_section(metrics),
-              '## Known failure modes',
-              '- **Shortcut learning.** Age, body habitus, source and burned-in markers separate the classes in the training data; '
-              'the adult/pediatric numbers above show how much of the accuracy survives within one age group.',
-              '- **No external validation here.** The validation split shares sources (hospitals, devices, publications) with training; '
-              'performance on an independent hospital will be lower.',
-              '- **Not Certain is narrow.** It was trained on lateral films, CT, MRI and photos only. Before the model answers, a '
-              'lung-field check (`lungs.check_lungs`) refuses images without two plausible lung fields, and the DICOM header '
-              'refuses other body parts and lateral views; a radiograph of another body part that passes both relies on the '
-              'out-of-distribution score, which is weak for a model trained from scratch, and can receive a confident verdict.',
-              '- **Labels are noisy.** NIH labels were mined from reports; BIMCV COVID-19 positives include normal-looking films.',
-              '- **Calibration** holds for the validation distribution only.', '']
-    return '\n'.join(lines)
+    "The model card of a model, as Markdown, from its own metadata and metrics: one function per section"
+    labels = metrics.get('labels') or meta['labels']
+    return '\n'.join([f"# Model card: {meta.get('arch')} · {meta.get('sha256', '')[:12]}", '', _NOTICE, '',
+                      *_intended_use_section(meta), *_training_data_section(training_data), *_recipe_section(meta, metrics, run or {}),
+                      *_validation_section(metrics), *_shortcut_section(metrics, labels), *_sites_section(metrics, labels),
+                      *_crossval_section(metrics), *_lung_share_section(metrics), *_FAILURE_MODES])
 
 def write_model_card(model_dir:Path|str, # a model folder with meta.json, metrics.json (and training_data.json)
                      run:dict|None=None)->str: # the training run's run.json

@@ -14,6 +14,7 @@ from fastcore.basics import patch
 from contextlib import contextmanager
 from pathlib import Path
 from .core import *
+from .model_card import model_card_markdown
 
 # %% ../nbs/07_registry.ipynb #10e3164d
 VERSION_RE = re.compile(r'^v(\d{4,})-(\d{8}T\d{6}Z)-([0-9a-f]{8})$')
@@ -79,37 +80,26 @@ class Registry:
         return d.name if d is not None else None
 
 # %% ../nbs/07_registry.ipynb #5dc5ad37
-def _model_card(version:str, meta:dict, metrics:dict, note:str)->str:
-    lines = [f"# Model {version}", "", note or "", "",
-             f"- architecture: {meta.get('arch')}, input {meta.get('size')} px, labels: {', '.join(meta.get('labels', []))}",
-             f"- ImageNet-pretrained start: {meta.get('imagenet_pretrained')}; weights sha256 {meta.get('sha256')}",
-             f"- created {meta.get('created_utc')}", "", "## Metrics", "",
-             "```json", json.dumps(to_jsonable(metrics or {}), indent=2)[:4000], "```", "",
-             "Research software: not a medical device, not for clinical decisions.", ""]
-    return '\n'.join(lines)
-
 @patch
 def add(self:Registry,
         model_dir:Path|str, # a model folder (`core.save_model_dir`)
-        metrics:dict|None=None, # replaces the folder's metrics.json
-        note:str='', # a line for the model card and version.json
+        note:str='', # why it was added, for version.json
         source:dict|None=None, # provenance to record (e.g. the retraining run)
         extra_json:dict|None=None)->str: # more JSON files, name -> object (e.g. the evaluation behind a promotion)
     "Check that `model_dir` loads and runs, then copy it into the registry as a new immutable version; its name"
     model_dir = Path(model_dir)
     sha = verify_model_dir(model_dir)
     meta = check_model_runs(model_dir)  # loads the weights and runs one forward pass: a version must be usable
-    if metrics is None and (model_dir/'metrics.json').is_file():
-        metrics = json.loads((model_dir/'metrics.json').read_text())
+    metrics = json.loads((model_dir/'metrics.json').read_text()) if (model_dir/'metrics.json').is_file() else {}
     with self._locked():
         nums = [int(VERSION_RE.match(v).group(1)) for v in self.versions()]
         version = version_name(max(nums, default=0) + 1, sha)
         with atomic_dir(self.root/version) as tmp:
             shutil.copy2(model_dir/'model.safetensors', tmp/'model.safetensors')
             atomic_write_json(tmp/'meta.json', {**meta, 'version': version})  # the name reports and the dashboard show
-            atomic_write_json(tmp/'metrics.json', metrics or {})
+            atomic_write_json(tmp/'metrics.json', metrics)
             if (model_dir/'model_card.md').is_file(): shutil.copy2(model_dir/'model_card.md', tmp/'model_card.md')
-            else: atomic_write_text(tmp/'model_card.md', _model_card(version, meta, metrics, note))
+            else: atomic_write_text(tmp/'model_card.md', model_card_markdown(meta, metrics))
             for name, obj in (extra_json or {}).items(): atomic_write_json(tmp/name, obj)
             atomic_write_json(tmp/'version.json', {'version': version, 'sha256': sha, 'added_utc': utc_timestamp(),
                                                    'from': model_dir.name, 'note': note, 'source': source or {}})
@@ -212,16 +202,8 @@ def doctor(self:Registry,
 
 # %% ../nbs/07_registry.ipynb #860f214c
 def _summary(metrics:dict)->dict:
-    "The headline numbers of a metrics dict, wherever they sit (top level, `valid`, `external`)"
-    res = {}
-    for k in ('accuracy', 'macro_f1'):
-        if isinstance(metrics.get(k), (int, float)): res[k] = metrics[k]
-    for part in ('valid', 'external'):
-        m = metrics.get(part)
-        if isinstance(m, dict):
-            for k in ('accuracy', 'macro_f1'):
-                if isinstance(m.get(k), (int, float)): res[f'{part}_{k}'] = m[k]
-    return res
+    "The headline numbers of a metrics dict"
+    return {k: metrics[k] for k in ('accuracy', 'macro_f1') if isinstance(metrics.get(k), (int, float))}
 
 @patch
 def list(self:Registry)->list:
@@ -272,7 +254,7 @@ def clean_partial(self:Registry)->list:
 # %% ../nbs/07_registry.ipynb #37bb1bd1
 def _print_table(rows:list):
     if not rows: print('(no versions)'); return
-    cols = ['version', 'production', 'arch', 'size', 'macro_f1', 'valid_macro_f1', 'external_macro_f1']
+    cols = ['version', 'production', 'arch', 'size', 'accuracy', 'macro_f1']
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ('*' if v is True else '' if v in (False, None) else str(v))
     table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from fastcore.basics import patch
 from .core import *
-from .cli import UsageError
+from .metrics import class_recall
 from .registry import Registry, verify_model_dir
 
 # %% ../nbs/08_retrain.ipynb #d0cefa21
@@ -177,10 +177,6 @@ def merge_inbox(base:pd.DataFrame, # reference data (`data.read_dataset`), with 
 # %% ../nbs/08_retrain.ipynb #f1d8ab7f
 COVID = 'COVID-19'
 
-def _covid_recall(m:dict)->float|None:
-    pc = (m.get('per_class') or {}).get(COVID) or {}
-    return None if not pc.get('support', 1) else pc.get('recall')
-
 def _gate_checks(candidate:dict, baseline:dict, against:str, f1_tolerance:float, recall_tolerance:float)->list:
     "The candidate's macro-F1 and COVID-19 recall against one baseline model's, set by set"
     checks = []
@@ -188,7 +184,7 @@ def _gate_checks(candidate:dict, baseline:dict, against:str, f1_tolerance:float,
         c, b = candidate[name], baseline[name]
         checks.append({'against': against, 'set': name, 'metric': 'macro_f1', 'candidate': c['macro_f1'], 'baseline': b['macro_f1'],
                        'tolerance': f1_tolerance, 'ok': c['macro_f1'] >= b['macro_f1'] - f1_tolerance - 1e-12})
-        cr, br = _covid_recall(c), _covid_recall(b)
+        cr, br = class_recall(c, COVID), class_recall(b, COVID)
         checks.append({'against': against, 'set': name, 'metric': 'covid_recall', 'candidate': cr, 'baseline': br,
                        'tolerance': recall_tolerance, 'ok': True if cr is None or br is None else cr >= br - recall_tolerance - 1e-12})
     return checks
