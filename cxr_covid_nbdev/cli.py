@@ -12,7 +12,7 @@ import argparse, importlib, os, sys
 from .core import NoModelError
 
 # %% ../nbs/09_cli.ipynb #e0b7271a
-COMMAND_MODULES = ('data', 'lungs', 'train', 'external', 'crossval', 'inference', 'registry', 'retrain')
+COMMAND_MODULES = ('data', 'lungs', 'train', 'external', 'crossval', 'inference', 'batch', 'registry', 'retrain')
 
 class UsageError(Exception):
     "An error the user can fix; printed without a traceback"
