@@ -179,8 +179,8 @@ def ray_rows(paths:list, # image files (seen by every node at these paths)
     unit = 'GPU' if gpus_per_actor else 'CPU'
     n = actors or max(1, int(ray.cluster_resources().get(unit, 1) // (gpus_per_actor or 1)))
     ds = ray.data.from_items([{'path': str(p)} for p in paths], override_num_blocks=max(1, min(len(paths), -(-len(paths) // bs))))
-    ds = ds.map_batches(_Scorer, batch_size=bs, batch_format='numpy', concurrency=n, num_cpus=1,
-                        num_gpus=gpus_per_actor or None, max_restarts=-1, max_task_retries=-1,
+    ds = ds.map_batches(_Scorer, batch_size=bs, batch_format='numpy', compute=ray.data.ActorPoolStrategy(size=n), num_cpus=1,
+                        num_gpus=gpus_per_actor or None,  # Ray Data restarts dead actors and retries their batches by default
                         fn_constructor_kwargs={'model_dir': str(model_dir), 'device': 'cuda' if gpus_per_actor else 'cpu',
                                                'threads': None if gpus_per_actor else 1, 'schema': result_schema(labels)})
     for t in ds.iter_batches(batch_size=None, batch_format='pyarrow'): yield from t.to_pylist()
@@ -206,7 +206,7 @@ def score_archive(sources:list, # image files, folders (walked) or manifest CSVs
         except ImportError: raise ValueError("the ray engine needs Ray: pip install 'cxr-covid-nbdev[ray]'") from None
     paths = read_sources(sources)
     if not paths: raise FileNotFoundError(f"no image or DICOM files in {', '.join(map(str, sources))}")
-    pr = Predictor(model_dir, backend='auto' if engine == 'local' else 'torch')
+    pr = Predictor(model_dir)  # checks the model before any work; with a local Ray it also leaves the ONNX export in the cache for the actors
     store = ResultStore(out, pr.labels)
     todo = still_to_score(paths, store.read(), pr.version)
     store.open()
