@@ -204,6 +204,7 @@ def score_archive(sources:list, # image files, folders (walked) or manifest CSVs
     if engine == 'ray':
         try: import ray, ray.data
         except ImportError: raise ValueError("the ray engine needs Ray: pip install 'cxr-covid-nbdev[ray]'") from None
+    ResultStore(out)  # a bad --out is refused before the model loads
     paths = read_sources(sources)
     if not paths: raise FileNotFoundError(f"no image or DICOM files in {', '.join(map(str, sources))}")
     pr = Predictor(model_dir)  # checks the model before any work; with a local Ray it also leaves the ONNX export in the cache for the actors
@@ -250,7 +251,8 @@ def add_commands(subparsers:argparse._SubParsersAction):
     d = {k: v.default for k, v in inspect.signature(score_archive).parameters.items()}  # the defaults live in the signature
     g = p.add_argument_group('scoring an archive into a file (--out)')
     g.add_argument('--out', metavar='RESULTS', help='write one row per input to RESULTS (.parquet, or .csv), incrementally; '
-                   'a rerun with the same RESULTS scores only what is missing. SOURCES may then also be manifest CSVs (a path column)')
+                   'a rerun with the same RESULTS scores only what is missing. FILE_OR_DIR may then also be a manifest CSV (a path column), '
+                   'and an unreadable file is a row with its error (exit status 0)')
     g.add_argument('--engine', choices=('local', 'ray'), default=d['engine'], help=f"where to score (default {d['engine']})")
     g.add_argument('--address', default=d['address'], help="ray: the cluster to join ('auto', ray://HOST:10001; default: RAY_ADDRESS, else a local Ray)")
     g.add_argument('--actors', type=int, default=d['actors'], help='ray: scoring actors (default: one per CPU, or GPU, of the cluster)')
