@@ -56,3 +56,4 @@ bench: install-dev
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_prepare.py
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_predict.py
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_dashboard.py --pages 10
+	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_batch.py

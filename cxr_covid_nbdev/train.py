@@ -7,7 +7,8 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/train.html.md"""
 # %% auto #0
 __all__ = ['CONTRAST', 'read_training_data', 'with_split', 'RadiographLoader', 'make_dataloaders', 'PretrainedWeightsUnavailable',
            'imagenet_state_dict', 'local_state_dict', 'load_body_weights', 'nll', 'fit_temperature', 'ood_threshold',
-           'manifest_sha1', 'cam_lung_shares', 'crossval_summary', 'train_model', 'add_commands']
+           'manifest_sha1', 'cam_lung_shares', 'crossval_summary', 'process_role', 'distributed_fit', 'alone',
+           'rank0_wrote', 'train_model', 'add_commands']
 
 # %% ../nbs/03_train.ipynb #905e18b0
 import argparse, json, os, tempfile, time
@@ -202,6 +203,48 @@ def crossval_summary(report:dict|Path|str)->dict:
     return {'run': name, 'hold_out': report['hold_out'], 'groups': report['groups'], 'settings': st,
             'summary': report['summary'], 'created_utc': report.get('created_utc')}
 
+# %% ../nbs/03_train.ipynb #504e5a74
+def process_role()->dict:
+    "This process's place in a multi-process run (`torchrun`, `accelerate launch`): rank, world size, local rank"
+    from fastai.torch_core import rank_distrib, num_distrib
+    return {'rank': rank_distrib(), 'world': max(1, num_distrib()), 'local_rank': int(os.environ.get('LOCAL_RANK', 0))}
+
+def distributed_fit(learn, # the `Learner`
+                    device): # the torch device it trains on
+    "fastai's `distrib_ctx` (DistributedDataParallel through accelerate) in a multi-process run; else a context that does nothing"
+    from contextlib import nullcontext
+    if process_role()['world'] == 1: return nullcontext()
+    try: import accelerate, fastai.distributed  # the import adds `Learner.distrib_ctx`
+    except ImportError: raise ValueError("training with several processes needs accelerate: pip install 'cxr-covid-nbdev[distributed]'") from None
+    fastai.distributed.DistributedDL._broadcast = _broadcast
+    return learn.distrib_ctx(sync_bn=False, cpu=device.type == 'cpu')
+
+def _broadcast(self, t, rank):
+    "`DistributedDL._broadcast` (rank 0's shuffled order to every process) for any backend: fastai's moves to CUDA, which gloo on CPUs lacks"
+    import torch
+    t = torch.LongTensor(t)
+    if torch.distributed.get_backend() == 'nccl': t = t.cuda()
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+from contextlib import contextmanager
+
+@contextmanager
+def alone():
+    "While the block runs, fastai sees one process: it gathers predictions from every process whenever `WORLD_SIZE` > 1"
+    old = os.environ.get('WORLD_SIZE')
+    os.environ['WORLD_SIZE'] = '1'
+    try: yield
+    finally:
+        if old is None: os.environ.pop('WORLD_SIZE', None)
+        else: os.environ['WORLD_SIZE'] = old
+
+def rank0_wrote(out:Path)->Path:
+    "Wait until every process is here (rank 0 has written `out`), then `out`"
+    from fastai.torch_core import distrib_barrier
+    distrib_barrier()
+    return out
+
 # %% ../nbs/03_train.ipynb #d2fdb1e8
 def _history(learn, stage):
     names = learn.recorder.metric_names[1:-1]
@@ -230,7 +273,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 crossval:dict|Path|str|None=None, # a leave-one-site-out report (or its JSON) to keep in metrics and card
                 cam_per_class:int=20, # validation images per class for the Grad-CAM lung share (0: skip)
                )->Path: # the model folder
-    "Train a recipe (plus calibration and an OOD threshold) and save a model folder"
+    "Train a recipe (plus calibration and an OOD threshold) and save a model folder (on rank 0 of a multi-process run)"
     import torch
     from fastai.vision.all import vision_learner, accuracy, noop
     import torchvision.models as tvm
@@ -262,6 +305,8 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
 
     seed_everything(seed)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    role = process_role()
+    if device.type == 'cuda' and role['world'] > 1: device = torch.device('cuda', role['local_rank'])
     if num_workers is None: num_workers = min(8, os.cpu_count() or 1) if device.type == 'cuda' else 0
     dls = make_dataloaders(df, size, bs, prepare_size, balance, seed, num_workers, device, r)
     with tempfile.TemporaryDirectory() as work:
@@ -275,15 +320,17 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
         history = []
         with ExitStack() as stack:
             if not progress: stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
-            if freeze_epochs:
-                learn.freeze()
-                learn.fit_one_cycle(freeze_epochs, lr_max)
-                history += _history(learn, 'frozen')
-            learn.unfreeze()
-            if epochs:
-                learn.fit_one_cycle(epochs, lr_max=slice(lr_min, lr_max))
-                history += _history(learn, 'unfrozen')
-            logits, targs = learn.get_preds(dl=dls.valid, act=noop)
+            with distributed_fit(learn, device):
+                if freeze_epochs:
+                    learn.freeze()
+                    learn.fit_one_cycle(freeze_epochs, lr_max)
+                    history += _history(learn, 'frozen')
+                learn.unfreeze()
+                if epochs:
+                    learn.fit_one_cycle(epochs, lr_max=slice(lr_min, lr_max))
+                    history += _history(learn, 'unfrozen')
+            if role['rank']: return rank0_wrote(out)  # only rank 0 evaluates and writes
+            with alone(): logits, targs = learn.get_preds(dl=dls.valid, act=noop)
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ in ('ChannelsLast', 'MixedPrecision')])
         model = learn.model.float().to(memory_format=torch.contiguous_format).cpu().eval()
     logits, y = logits.float().numpy(), targs.numpy()
@@ -310,6 +357,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
             'recipe': {'loss': 'cross-entropy', 'optimizer': 'Adam (fastai default)', 'schedule': 'one-cycle',
                        'frozen_lr': lr_max, 'lr_min': lr_min, 'lr_max': lr_max, 'bs': dls.train.bs, 'resize': 'squish, bilinear',
                        'contrast': CONTRAST if r['contrast'] else None, 'balance': balance, 'device': device.type,
+                       'processes': role['world'],
                        'mixed_precision': r['precision'] if device.type == 'cuda' else False,
                        'name': r['name'], 'settings': r},
             'manifest_sha1': manifest_sha1(df), 'n_train': int((df.split == 'train').sum()), 'n_valid': int(len(va)),
@@ -317,9 +365,10 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     run = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)',
            'train_seconds': round(time.time() - t0, 1)}
     data = training_data_summary(df)
-    return save_model_dir(model, meta, out, metrics=metrics, dtype=dtype,
-                          extra_files={'training_data.json': json.dumps(to_jsonable(data), indent=2) + '\n',
-                                       'model_card.md': lambda m: model_card_markdown(m, metrics, data, run)})
+    out = save_model_dir(model, meta, out, metrics=metrics, dtype=dtype,
+                         extra_files={'training_data.json': json.dumps(to_jsonable(data), indent=2) + '\n',
+                                      'model_card.md': lambda m: model_card_markdown(m, metrics, data, run)})
+    return rank0_wrote(out) if role['world'] > 1 else out
 
 # %% ../nbs/03_train.ipynb #20aeea4c
 def _balance_arg(v:str): return v if v == 'max' else int(v)
@@ -331,6 +380,7 @@ def _run_train(args):
                       balance=args.balance, seed=args.seed, init_from=args.init_from, num_workers=args.workers,
                       device=args.device, progress=not args.quiet, dtype=args.dtype, recipe=args.recipe,
                       crossval=args.crossval)
+    if process_role()['rank']: return  # rank 0 says what it wrote
     meta, m = read_meta(out), json.loads((out/'metrics.json').read_text())
     print(f"Saved {out}: {meta['arch']} at {meta['size']} px, recipe {meta['recipe']['name']}, validation accuracy {m['accuracy']:.3f}, "
           f"macro F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f} (temperature {meta['temperature']:.2f})")
