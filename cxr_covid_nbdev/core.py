@@ -10,8 +10,8 @@ __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SI
            'atomic_write_text', 'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'shared_data_dir',
            'seed_everything', 'library_versions', 'utc_timestamp', 'UsageError', 'NoModelError', 'default_model_dir',
            'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir', 'fit_longest_side',
-           'model_input', 'create_model', 'save_model_dir', 'read_meta', 'load_model_dir', 'check_model_runs',
-           'cam_layer', 'grad_cam', 'softmax_t', 'energy_score']
+           'model_input', 'check_arch', 'create_model', 'save_model_dir', 'read_meta', 'load_model_dir',
+           'check_model_runs', 'cam_layer', 'grad_cam', 'softmax_t', 'energy_score']
 
 # %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform, warnings
@@ -239,6 +239,13 @@ def model_input(img:Image.Image, # 8-bit grayscale (mode `L`) image
 # %% ../nbs/00_core.ipynb #7dae5d2b
 MODEL_FORMAT = 'cxr-covid-nbdev/model-1'
 
+def check_arch(arch:str)->str:
+    "`arch` if it names a torchvision model function, else a `ValueError` that says what to use"
+    import torchvision.models as tvm
+    if not callable(getattr(tvm, arch, None)):
+        raise ValueError(f"Unknown architecture {arch!r}: use a torchvision model name such as resnet18 or resnet50")
+    return arch
+
 def create_model(arch:str='resnet50', # a torchvision model function name: resnet18, resnet50, densenet121...
                  n_out:int=len(LABELS), # number of classes
                  pretrained:bool=False, # load torchvision's ImageNet weights (needs the internet or a cache)
@@ -246,9 +253,7 @@ def create_model(arch:str='resnet50', # a torchvision model function name: resne
     "The fastai vision model for `arch` with a `n_out`-class head"
     import torchvision.models as tvm
     from fastai.vision.learner import create_vision_model
-    if not hasattr(tvm, arch) or not callable(getattr(tvm, arch)):
-        raise ValueError(f"Unknown architecture {arch!r}: use a torchvision model name such as resnet18 or resnet50")
-    return create_vision_model(getattr(tvm, arch), n_out, pretrained=pretrained, **head_kwargs)
+    return create_vision_model(getattr(tvm, check_arch(arch)), n_out, pretrained=pretrained, **head_kwargs)
 
 def save_model_dir(model, # a `torch.nn.Module` (e.g. `learn.model`)
                    meta:dict, # metadata; `format`, `dtype`, `sha256` and `created_utc` are filled in

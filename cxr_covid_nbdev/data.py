@@ -8,8 +8,8 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/data.html.md"""
 __all__ = ['RADIOGRAPH_MODALITIES', 'DICOM_ACQUISITION', 'ABSTAIN_QUALITY', 'QUALITY_RULES', 'LAYOUTS', 'IMAGE_SUFFIXES',
            'EXTRA_COLUMNS', 'HASH_SIZE', 'DUP_DISTANCE', 'SITES', 'UnreadableImage', 'read_radiograph',
            'quality_reason', 'detect_layout', 'cohen_label', 'read_dataset', 'image_hash', 'hash_pairs',
-           'near_duplicates', 'link_groups', 'split_groups', 'assign_split', 'straddling', 'site_of', 'with_sites',
-           'prepare', 'add_commands']
+           'near_duplicates', 'link_groups', 'split_groups', 'assign_split', 'straddling', 'manifest_sha1', 'site_of',
+           'with_sites', 'prepare', 'add_commands']
 
 # %% ../nbs/01_data.ipynb #479b3ec0
 import argparse, hashlib, io, json, os, re, warnings
@@ -447,6 +447,15 @@ def straddling(df:pd.DataFrame, groups:np.ndarray)->list:
             res.append(dict(patients=sorted(set(df.patient_id.values[list(idx)]) - {''}), splits=sorted(sp),
                             paths=[df.path.values[i] for i in idx]))
     return res
+
+# %% ../nbs/01_data.ipynb #7371260a
+def manifest_sha1(df:pd.DataFrame)->str:
+    "sha1 of the training manifest's content (image sha1, label, patient id, split), order-independent"
+    sha = df['sha1'] if 'sha1' in df else pd.Series([''] * len(df), index=df.index)
+    sha = [s if isinstance(s, str) and s else file_digest(p) for s, p in zip(sha, df['path'])]
+    rows = sorted(zip(sha, df['label'].astype(str), df.get('patient_id', pd.Series([''] * len(df))).fillna('').astype(str),
+                      df.get('split', pd.Series([''] * len(df))).fillna('').astype(str)))
+    return hashlib.sha1('\n'.join(','.join(r) for r in rows).encode()).hexdigest()
 
 # %% ../nbs/01_data.ipynb #ba6d6e0a
 SITES = {'cohen': 'literature', 'cxnet': 'literature', 'figure1': 'literature',

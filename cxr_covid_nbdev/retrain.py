@@ -17,6 +17,7 @@ import numpy as np, pandas as pd
 from fastcore.basics import patch
 from .core import *
 from .metrics import class_recall
+from .data import manifest_sha1
 from .registry import Registry, verify_model_dir
 
 # %% ../nbs/08_retrain.ipynb #d0cefa21
@@ -284,7 +285,6 @@ def load_data(self:RetrainRun,
     self.train_df = merged[merged.split.isin(['train', 'valid'])].reset_index(drop=True)
     self.train_df.attrs.update(base.attrs)
     new = merged[merged.origin == 'inbox']
-    from cxr_covid_nbdev.train import manifest_sha1
     self.report.update(
         inbox={'path': str(Path(inbox).resolve()), 'manifest_sha1': file_digest(Path(inbox)/'manifest.csv'),
                'rows': len(accepted) + len(rejected), 'accepted': len(new), 'quarantined': len(quarantined),

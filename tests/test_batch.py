@@ -1,7 +1,7 @@
 """Archive scoring and multi-process training end to end: what cannot run inside a notebook. `cxr-covid predict --out`
 in its own process killed with SIGKILL and rerun, Ray Data actors on a local Ray (one Ray for the module) against the
 local engine, an actor's process killed mid-job, and `cxr-covid train` under torchrun with two gloo processes. The unit
-checks of `batch` and of `train.process_role` live beside the code in nbs/06a_batch.ipynb and nbs/03_train.ipynb."""
+checks of `batch` and of `train.process_role` live beside the code in nbs/05a_batch.ipynb and nbs/04_train.ipynb."""
 import os, signal, subprocess, sys, threading, time
 from pathlib import Path
 

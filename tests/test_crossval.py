@@ -1,6 +1,6 @@
 """Leave-one-site-out from the command line and as a papermill run, on real images at a tiny size.
 
-What cannot run inside `nbs/05b_crossval.ipynb`: the `cxr-covid crossval` process and the papermill
+What cannot run inside `nbs/06a_crossval.ipynb`: the `cxr-covid crossval` process and the papermill
 notebook that keeps an executed copy of the run."""
 import json, os, subprocess, sys
 from pathlib import Path

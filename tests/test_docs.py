@@ -88,7 +88,7 @@ def test_stage_lists_every_chapter_and_run(tmp_path, monkeypatch):
     staged = nbformat.read(str(src/'runs'/'20240101T000000Z'/'train.ipynb'), as_version=4)
     assert staged.metadata.mystnb.execution_mode == 'off' and staged.cells[0].source.startswith('# train run')
     assert nbformat.read(str(src/'index.ipynb'), as_version=4).metadata.mystnb.execution_mode == 'off'  # run by stage, not by Jupyter Book
-    lib = nbformat.read(str(src/'library'/'04_metrics.ipynb'), as_version=4)
+    lib = nbformat.read(str(src/'library'/'03_metrics.ipynb'), as_version=4)
     assert lib.cells[0].source.startswith('# Metrics (cxr_covid_nbdev.metrics)')
     assert any('show-doc' in c.metadata.get('tags', []) and c.source.startswith('show_doc(') for c in lib.cells)
     assert not any(c.source.lstrip().startswith('#|') for c in lib.cells)

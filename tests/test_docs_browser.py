@@ -124,7 +124,7 @@ def test_dashboard_page_and_footer(site, page):
     fig = page.locator('article figure')
     assert fig.count() >= 1 and 'dashboard' in fig.first.locator('figcaption').inner_text().lower()
     assert fig.first.locator('img').evaluate('e => e.complete && e.naturalWidth > 600')
-    for name in ('index', '16_dashboard', 'library/04_metrics'):
+    for name in ('index', '16_dashboard', 'library/03_metrics'):
         _open(page, site, name)
         assert 'not a medical device' in page.inner_text('footer, .bd-footer-content, .footer-content, body')
         assert page.locator('.dropdown-download-buttons, .btn-download-source-button').count() == 0
@@ -132,7 +132,7 @@ def test_dashboard_page_and_footer(site, page):
 
 def test_library_pages_render_show_doc(site, page):
     "A library page shows `show_doc`'s signature and docments, not the call, and its examples' outputs"
-    _open(page, site, 'library/04_metrics')
+    _open(page, site, 'library/03_metrics')
     text = page.inner_text('article')
     assert 'def compute_metrics(' in text and 'show_doc(' not in text
     assert page.locator('article figure img').count() >= 1

@@ -11,7 +11,8 @@ from cxr_covid_nbdev.core import (LABELS, NOT_CERTAIN, energy_score, file_digest
                                   read_meta, softmax_t)
 from cxr_covid_nbdev.data import read_radiograph
 from cxr_covid_nbdev.metrics import compute_metrics
-from cxr_covid_nbdev.train import manifest_sha1, nll, train_model
+from cxr_covid_nbdev.data import manifest_sha1
+from cxr_covid_nbdev.train import nll, train_model
 
 from test_metrics import check_against_sklearn
 
