@@ -7,11 +7,12 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/core.html.md"""
 # %% auto #0
 __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SIZE', 'MANIFEST_COLUMNS', 'MODEL_FILES',
            'FIX_PRODUCTION', 'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes',
-           'atomic_write_text', 'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'shared_data_dir',
-           'seed_everything', 'library_versions', 'utc_timestamp', 'UsageError', 'NoModelError', 'default_model_dir',
-           'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir', 'fit_longest_side',
-           'model_input', 'check_arch', 'create_model', 'save_model_dir', 'read_meta', 'load_model_dir',
-           'check_model_runs', 'cam_layer', 'grad_cam', 'softmax_t', 'energy_score']
+           'atomic_write_text', 'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'checkout_dir',
+           'shared_data_dir', 'seed_everything', 'library_versions', 'utc_timestamp', 'UsageError', 'NoModelError',
+           'default_model_dir', 'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir',
+           'fit_longest_side', 'model_input', 'check_arch', 'create_model', 'save_model_dir', 'read_meta',
+           'verify_model_dir', 'load_model_dir', 'check_model_runs', 'cam_layer', 'grad_cam', 'softmax_t',
+           'energy_score']
 
 # %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform, warnings
@@ -134,11 +135,14 @@ def rel_path(path:Path|str, # a file or folder
     return os.path.relpath(path, root) if root else Path(path).name
 
 # %% ../nbs/00_core.ipynb #3e2a5f3e
+def checkout_dir()->Path:
+    "The checkout the package was installed from (`pip install -e .`): the folder above `cxr_covid_nbdev/`"
+    import cxr_covid_nbdev
+    return Path(cxr_covid_nbdev.__file__).resolve().parents[1]
+
 def shared_data_dir()->Path:
     "`$CXR_SHARED/data`, or `../shared/data` beside the checkout"
-    import cxr_covid_nbdev
-    root = os.environ.get('CXR_SHARED') or Path(cxr_covid_nbdev.__file__).resolve().parents[2]/'shared'
-    return Path(root)/'data'
+    return Path(os.environ.get('CXR_SHARED') or checkout_dir().parent/'shared')/'data'
 
 # %% ../nbs/00_core.ipynb #6bde4ebb
 def seed_everything(seed:int=42):
@@ -281,21 +285,28 @@ def save_model_dir(model, # a `torch.nn.Module` (e.g. `learn.model`)
     return out
 
 def read_meta(model_dir:Path|str)->dict:
-    "The `meta.json` of a model folder"
-    return json.loads((Path(model_dir)/'meta.json').read_text())
+    "The `meta.json` of a model folder; a `ValueError` that names the file if it is not valid JSON"
+    f = Path(model_dir)/'meta.json'
+    try: return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{f} is not valid JSON: {e}") from None
+
+def verify_model_dir(model_dir:Path|str)->str:
+    "The sha256 of `model_dir`'s weights, after checking it against its `meta.json`; a `ValueError` naming the file otherwise"
+    model_dir = Path(model_dir)
+    if not is_model_dir(model_dir): raise NoModelError(f"{model_dir} is not a model folder: it needs {' and '.join(MODEL_FILES)}")
+    digest = file_digest(model_dir/'model.safetensors', 'sha256')
+    if digest != read_meta(model_dir).get('sha256'):
+        raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in meta.json: the file is damaged or was "
+                         f"replaced" + (f"; {FIX_PRODUCTION}" if (model_dir.parent/'production.json').is_file() else ''))
+    return digest
 
 def load_model_dir(model_dir:Path|str, # a folder written by `save_model_dir`
                    device:str='cpu'):
     "`(model, meta)`: the network in eval mode, float32, with its checked weights"
     from safetensors.torch import load_file
     model_dir = Path(model_dir)
-    if not is_model_dir(model_dir): raise NoModelError(f"{model_dir} is not a model folder")
-    try: meta = read_meta(model_dir)
-    except ValueError as e: raise ValueError(f"{model_dir/'meta.json'} is not valid JSON: {e}") from None
-    digest = file_digest(model_dir/'model.safetensors', 'sha256')
-    if digest != meta.get('sha256'):
-        raise ValueError(f"{model_dir/'model.safetensors'} does not match the sha256 in meta.json: the file is damaged or was "
-                         f"replaced" + (f"; {FIX_PRODUCTION}" if (model_dir.parent/'production.json').is_file() else ''))
+    verify_model_dir(model_dir)
+    meta = read_meta(model_dir)
     model = create_model(meta['arch'], len(meta['labels']), pretrained=False, **meta.get('head', {}))
     state = {k: (v.float() if v.is_floating_point() else v) for k,v in load_file(str(model_dir/'model.safetensors')).items()}
     model.load_state_dict(state)

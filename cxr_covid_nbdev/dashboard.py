@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ipywidgets as W
-from .core import NOT_CERTAIN, resolve_model_dir
+from .core import NOT_CERTAIN, checkout_dir, resolve_model_dir
 
 # %% ../nbs/05b_dashboard.ipynb #74422830
 SERVICE_ENV, TOKEN_ENV = 'CXR_COVID_SERVICE', 'CXR_COVID_SERVICE_TOKEN'
@@ -177,8 +177,7 @@ MAX_UPLOAD_BYTES = 256 * 2**20  # one upload (all its files) travels in one webs
 
 def dashboard_notebook()->Path:
     "The dashboard notebook, `dashboards/cxr_dashboard.ipynb` in the checkout"
-    import cxr_covid_nbdev
-    nb = Path(cxr_covid_nbdev.__file__).resolve().parents[1]/'dashboards'/'cxr_dashboard.ipynb'
+    nb = checkout_dir()/'dashboards'/'cxr_dashboard.ipynb'
     if not nb.is_file():
         raise FileNotFoundError(f"the dashboard notebook {nb} is missing: install the package from a checkout "
                                 "(`pip install -e .`), which has the dashboards/ folder")

@@ -20,14 +20,13 @@ import argparse, builtins, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pandas as pd
-from .core import LABELS, atomic_write_text, shared_data_dir
+from .core import LABELS, atomic_write_text, checkout_dir, shared_data_dir
 from .metrics import class_recall
 
 # %% ../nbs/10_docs.ipynb #4a16ec07
 def repo_root()->Path:
     "The checkout that holds `nbs/`, `book/` and `papermill_runs/`: `$CXR_DOCS_ROOT` or the package's parent"
-    import cxr_covid_nbdev
-    root = Path(os.environ.get('CXR_DOCS_ROOT') or Path(cxr_covid_nbdev.__file__).resolve().parents[1])
+    root = Path(os.environ.get('CXR_DOCS_ROOT') or checkout_dir())
     if not (root/'nbs').is_dir():
         raise FileNotFoundError(f"{root} has no nbs/ folder: the docs are built from a checkout "
                                 "(pip install -e .), or set CXR_DOCS_ROOT to one")

@@ -401,8 +401,7 @@ def finish(self:RetrainRun)->dict:
 # %% ../nbs/08_retrain.ipynb #cb726832
 def template_notebook()->Path:
     "The papermill notebook `papermill_runs/retrain.ipynb` of the checkout"
-    import cxr_covid_nbdev
-    return Path(cxr_covid_nbdev.__file__).resolve().parents[1]/'papermill_runs'/'retrain.ipynb'
+    return checkout_dir()/'papermill_runs'/'retrain.ipynb'
 
 def default_runs_dir()->Path:
     "Where runs go by default: `papermill_runs/runs` of the checkout"
