@@ -371,8 +371,8 @@ def decide(self:RetrainRun, f1_tolerance:float=0.0, recall_tolerance:float=0.0, 
     self.report['gate'] = gate
     # what the inbox did: the candidate against the control, trained the same way without it
     self.report['inbox_effect'] = {name: {'macro_f1': m['candidate'][name]['macro_f1'] - c['macro_f1'],
-                                          'covid_recall': (None if _covid_recall(c) is None or _covid_recall(m['candidate'][name]) is None
-                                                           else _covid_recall(m['candidate'][name]) - _covid_recall(c))}
+                                          'covid_recall': (None if class_recall(c, COVID) is None or class_recall(m['candidate'][name], COVID) is None
+                                                           else class_recall(m['candidate'][name], COVID) - class_recall(c, COVID))}
                                    for name, c in (m.get('control') or {}).items()}
     if dry_run or self.dry_run:
         self.report['status'] = 'dry-run'
