@@ -19,6 +19,7 @@ from .data import with_sites, SITES
 from .metrics import rate_ci, group_report
 from . import augment
 from .train import train_model, with_split, read_training_data
+from .inference import Predictor
 from .lungs import segmenter_sha256
 
 # %% ../nbs/06a_crossval.ipynb #8c357002
@@ -78,7 +79,6 @@ def unseen_summary(folds:list, # fold records of one recipe (`crossval`'s `folds
 # %% ../nbs/06a_crossval.ipynb #7f9fbc1d
 def _fold(tr:pd.DataFrame, te:pd.DataFrame, group:str, column:str, r:dict, work:Path, train_args:dict)->dict:
     "Train on `tr` with recipe `r`, score `te`: one fold record"
-    from cxr_covid_nbdev.inference import Predictor  # inference sits after this notebook
     model_dir = train_model(tr, work/r['name'].replace('/', '_')/str(group).replace('/', '_'), recipe=r, progress=False,
                             cam_per_class=0, **train_args)
     pr = Predictor(model_dir, backend='torch', check_lungs=False)

@@ -338,13 +338,13 @@ def train(self:RetrainRun, epochs:int=1, freeze_epochs:int=0, size:int|None=None
     from cxr_covid_nbdev.train import train_model
     self.status('training')
     size = size or read_meta(self.production_dir)['size']
-    fit = lambda df, name: train_model(df, self.out/name, size=size, epochs=epochs, freeze_epochs=freeze_epochs, bs=bs,
-                                       pretrained=False, seed=seed, init_from=self.production_dir, progress=progress)
+    fit = lambda df, name, **kw: train_model(df, self.out/name, size=size, epochs=epochs, freeze_epochs=freeze_epochs, bs=bs,
+                                             pretrained=False, seed=seed, init_from=self.production_dir, progress=progress, **kw)
     self.candidate = fit(self.train_df, 'candidate')
     self.report['candidate'] = {'path': str(self.candidate), 'sha256': read_meta(self.candidate)['sha256'], 'size': size}
     reference = self.train_df[self.train_df.origin == 'reference'].reset_index(drop=True)
     reference.attrs.update(self.train_df.attrs)
-    self.control = fit(reference, 'control')
+    self.control = fit(reference, 'control', cam_per_class=0)  # only compared, never promoted: no Grad-CAM description
     self.report['control'] = {'path': str(self.control), 'sha256': read_meta(self.control)['sha256'], 'size': size}
     return self.candidate
 

@@ -81,7 +81,7 @@ def test_weights_file_and_float16(tiny_training_data, tmp_path):
     tv = torchvision.models.resnet18(weights=None)
     save_file(tv.state_dict(), str(tmp_path/'r18.safetensors'))
     out = train_model(tiny_training_data, tmp_path/'m', arch='resnet18', size=32, epochs=0, freeze_epochs=0,
-                      weights=tmp_path/'r18.safetensors', progress=False, dtype='float16')
+                      weights=tmp_path/'r18.safetensors', progress=False, dtype='float16', cam_per_class=0)
     model, meta = load_model_dir(out)
     assert meta['weights_source'].startswith('file:r18.safetensors') and meta['imagenet_pretrained'] is False
     assert meta['dtype'] == 'float16'
@@ -96,7 +96,7 @@ def test_weights_file_and_float16(tiny_training_data, tmp_path):
 def test_init_from(tiny_model_dir, tiny_training_data, tmp_path):
     "Fine-tuning starts from the given model folder (with 0 epochs: the same weights), whatever `arch` says"
     out = train_model(tiny_training_data, tmp_path/'ft', arch='resnet50', size=64, epochs=0, freeze_epochs=0,
-                      init_from=tiny_model_dir, progress=False)
+                      init_from=tiny_model_dir, progress=False, cam_per_class=0)
     a, ma = load_model_dir(tiny_model_dir)
     b, mb = load_model_dir(out)
     assert mb['arch'] == 'resnet18' and mb['init_from'] == str(tiny_model_dir)
