@@ -488,6 +488,7 @@ def add_commands(subparsers:argparse._SubParsersAction):
     p.add_argument('--model', help='model folder (default: the registry production model, else the packaged one)')
     p.add_argument('--json', action='store_true', help='print one JSON object per file instead of a table')
     p.add_argument('--cam', metavar='DIR', help='write a Grad-CAM overlay PNG per image into DIR')
-    p.add_argument('--bs', type=int, default=32, help='batch size (default 32)')
-    p.add_argument('--workers', type=int, default=0, help='DataLoader worker processes reading the files (default 0)')
+    d = {k: v.default for k, v in inspect.signature(Predictor.iter_predict).parameters.items()}  # the defaults live in the signature
+    p.add_argument('--bs', type=int, default=d['bs'], help=f"batch size (default {d['bs']})")
+    p.add_argument('--workers', type=int, default=d['num_workers'], help=f"DataLoader worker processes reading the files (default {d['num_workers']})")
     p.set_defaults(run=_run_predict)
