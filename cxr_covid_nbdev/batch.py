@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import *
+from .data import manifest_paths
 from .inference import Predictor, find_images, _run_predict
 
 # %% ../nbs/05a_batch.ipynb #50e6a119
@@ -22,12 +23,7 @@ def read_sources(sources:list)->list:
     "The input files named by `sources` (files, folders, manifest CSVs with a `path` column), in order, each once"
     out = []
     for s in map(Path, sources):
-        if s.suffix.lower() == '.csv' and s.is_file():
-            m = pd.read_csv(s, dtype=str, keep_default_na=False)
-            if 'path' not in m.columns:
-                raise ValueError(f"{s} is not a manifest: it needs a 'path' column (it has {', '.join(m.columns) or 'none'})")
-            out += [Path(p) if Path(p).is_absolute() else s.parent/p for p in m['path'] if p.strip()]
-        else: out += find_images([s])
+        out += manifest_paths(s) if s.suffix.lower() == '.csv' and s.is_file() else find_images([s])
     return list(dict.fromkeys(out))
 
 # %% ../nbs/05a_batch.ipynb #c42c49d9

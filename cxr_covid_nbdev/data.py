@@ -7,9 +7,9 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/data.html.md"""
 # %% auto #0
 __all__ = ['RADIOGRAPH_MODALITIES', 'DICOM_ACQUISITION', 'ABSTAIN_QUALITY', 'QUALITY_RULES', 'LAYOUTS', 'IMAGE_SUFFIXES',
            'EXTRA_COLUMNS', 'HASH_SIZE', 'DUP_DISTANCE', 'SITES', 'UnreadableImage', 'read_radiograph',
-           'quality_reason', 'detect_layout', 'cohen_label', 'read_dataset', 'image_hash', 'hash_pairs',
-           'near_duplicates', 'link_groups', 'split_groups', 'assign_split', 'straddling', 'manifest_sha1', 'site_of',
-           'with_sites', 'prepare', 'add_commands']
+           'quality_reason', 'detect_layout', 'manifest_paths', 'cohen_label', 'read_dataset', 'image_hash',
+           'hash_pairs', 'near_duplicates', 'link_groups', 'split_groups', 'assign_split', 'straddling',
+           'manifest_sha1', 'site_of', 'with_sites', 'prepare', 'add_commands']
 
 # %% ../nbs/01_data.ipynb #479b3ec0
 import argparse, hashlib, io, json, os, re, warnings
@@ -212,17 +212,33 @@ def _check_same_images(df:pd.DataFrame, csv:Path):
     raise ValueError(f"{csv}: the same image is listed {what}, line(s) {_rows(csv, dup)}: "
                      + '; '.join(' = '.join(f"{Path(p).name} ({l})" for p, l in zip(g.path, g.label)) for _, g in list(groups)[:5]))
 
-def _read_manifest(csv:Path, root:Path)->pd.DataFrame:
+def _read_csv(csv:Path, columns:tuple)->pd.DataFrame:
+    "A manifest CSV as strings, with `columns`; every error names the file"
     try: df = pd.read_csv(csv, keep_default_na=False, dtype=str)
-    except pd.errors.EmptyDataError: raise ValueError(f"{csv} is empty: a manifest needs a header row with path and label") from None
+    except pd.errors.EmptyDataError: raise ValueError(f"{csv} is empty: a manifest needs a header row with {' and '.join(columns)}") from None
     except (UnicodeDecodeError, pd.errors.ParserError) as e:
         raise ValueError(f"{csv} is not a readable CSV file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    missing = {'path', 'label'} - set(df.columns)
-    if missing: raise ValueError(f"{csv} lacks the column(s) {', '.join(sorted(missing))}")
-    paths = [_manifest_path(p, root) for p in df.path]
-    if None in paths:
-        raise ValueError(f"{csv}: relative paths must stay inside {root}; line(s) {_rows(csv, [p is None for p in paths])} leave it")
-    df['path'] = paths
+    missing = set(columns) - set(df.columns)
+    if missing: raise ValueError(f"{csv} lacks the column(s) {', '.join(sorted(missing))}: a manifest needs a "
+                                 f"{' and a '.join(repr(c) for c in columns)} column")
+    return df
+
+def _inside(paths, csv:Path, root:Path)->list:
+    "`paths` of `csv` made absolute under `root` (`_manifest_path`); an error naming the lines of those that leave it"
+    res = [_manifest_path(p, root) for p in paths]
+    if None in res: raise ValueError(f"{csv}: relative paths must stay inside {root}; line(s) {_rows(csv, [p is None for p in res])} leave it")
+    return res
+
+def manifest_paths(csv:Path|str)->list:
+    "The non-empty `path` column of a manifest CSV as `Path`s, relative ones under its folder (which they may not leave)"
+    csv = Path(csv)
+    raw = _read_csv(csv, ('path',)).path
+    _inside(raw, csv, csv.parent)  # the check; the paths stay as listed (a symlink is not followed)
+    return [Path(r) if Path(r).is_absolute() else csv.parent/r for r in raw if r.strip()]
+
+def _read_manifest(csv:Path, root:Path)->pd.DataFrame:
+    df = _read_csv(csv, ('path', 'label'))
+    df['path'] = _inside(df.path, csv, root)
     if df.path.duplicated().any():
         raise ValueError(f"{csv}: the same path is listed more than once, line(s) {_rows(csv, df.path.duplicated(keep=False))}")
     df['label'] = _check_labels(df.label, df.path)

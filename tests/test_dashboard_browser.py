@@ -5,15 +5,11 @@ from pathlib import Path
 import pytest
 
 from cxr_covid_nbdev.core import LABELS, NOT_CERTAIN, read_meta
+from cxr_covid_nbdev.dashboard import _free_port
 
 pytestmark = pytest.mark.browser
 CHROMIUM = '/usr/bin/chromium'
 ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
-
-
-def _free_port()->int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 def _wait_port(port, proc, timeout=240):
