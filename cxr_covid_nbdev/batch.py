@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from .core import *
 from .data import manifest_paths
-from .inference import Predictor, find_images, _run_predict
+from .inference import Predictor, find_images, print_predictions
 
 # %% ../nbs/05a_batch.ipynb #50e6a119
 def read_sources(sources:list)->list:
@@ -230,28 +230,25 @@ def score_archive(sources:list, # image files, folders (walked) or manifest CSVs
             'engine': engine, 'seconds': round(time.time() - t0, 2)}
 
 # %% ../nbs/05a_batch.ipynb #15f76fb8
-def _run_predict_archive(args)->int:
-    if args.out is None:
-        if args.engine != 'local' or args.address or args.actors: raise ValueError("--engine, --address and --actors go with --out")
-        return _run_predict(args)
+_OUT_HELP = ('write one row per input to RESULTS (.parquet, or .csv), incrementally; a rerun with the same RESULTS scores only '
+             'what is missing. FILE_OR_DIR may then also be a manifest CSV (a path column), and an unreadable file is a row '
+             'with its error (exit status 0)')
+
+def _run_predict(args, **kw)->int:
+    "Predict images, folders of images or DICOM files: print each verdict, or with --out score them all into a file"
+    if kw['out'] is None:
+        if kw['engine'] != 'local' or kw['address'] or kw['actors']: raise ValueError("--engine, --address and --actors go with --out")
+        return print_predictions(kw['sources'], kw['model_dir'], args.json, args.cam, kw['bs'], kw['num_workers'])
     if args.json or args.cam: raise ValueError("--json and --cam are for printing: with --out the results go to the file")
-    s = score_archive(args.sources, args.out, args.engine, args.address, args.model, args.bs, args.workers, args.actors,
-                      args.gpus_per_actor, args.part_rows)
+    s = score_archive(**kw)
     print(f"cxr-covid predict: {s['out']}: {s['inputs']} inputs, {s['scored']} scored now, {s['already_done']} already there, "
           f"{s['errors']} unreadable (model {s['model_version']}, {s['engine']}, {s['seconds']:.1f} s)", file=sys.stderr)
     return 0
 
 def add_commands(subparsers:argparse._SubParsersAction):
-    "Add `--out`, `--engine`, `--address`... to `cxr-covid predict` (which `inference` adds first)"
-    p = subparsers.choices['predict']
-    d = {k: v.default for k, v in inspect.signature(score_archive).parameters.items()}  # the defaults live in the signature
-    g = p.add_argument_group('scoring an archive into a file (--out)')
-    g.add_argument('--out', metavar='RESULTS', help='write one row per input to RESULTS (.parquet, or .csv), incrementally; '
-                   'a rerun with the same RESULTS scores only what is missing. FILE_OR_DIR may then also be a manifest CSV (a path column), '
-                   'and an unreadable file is a row with its error (exit status 0)')
-    g.add_argument('--engine', choices=('local', 'ray'), default=d['engine'], help=f"where to score (default {d['engine']})")
-    g.add_argument('--address', default=d['address'], help="ray: the cluster to join ('auto', ray://HOST:10001; default: RAY_ADDRESS, else a local Ray)")
-    g.add_argument('--actors', type=int, default=d['actors'], help='ray: scoring actors (default: one per CPU, or GPU, of the cluster)')
-    g.add_argument('--gpus-per-actor', type=float, default=d['gpus_per_actor'], help=f"ray: GPU share per actor (default {d['gpus_per_actor']}: CPU actors)")
-    g.add_argument('--part-rows', type=int, default=d['part_rows'], help=f"rows per part written (default {d['part_rows']})")
-    p.set_defaults(run=_run_predict_archive)
+    "Add `cxr-covid predict` to `subparsers`: `score_archive`'s options, and `--json`, `--cam` to print instead"
+    p = add_command(subparsers, score_archive, 'predict', run=_run_predict, positional=('sources',), skip=('progress',),
+                    flags={'model_dir': 'model', 'num_workers': 'workers'}, sources=dict(metavar='FILE_OR_DIR', type=str),
+                    out=dict(required=False, default=None, metavar='RESULTS', help=_OUT_HELP), engine=dict(choices=('local', 'ray')))
+    p.add_argument('--json', action='store_true', help='without --out: print one JSON object per file instead of a table')
+    p.add_argument('--cam', metavar='DIR', help='without --out: write a Grad-CAM overlay PNG per image into DIR')

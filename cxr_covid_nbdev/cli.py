@@ -12,7 +12,7 @@ import argparse, importlib, os, sys
 from .core import NoModelError, UsageError
 
 # %% ../nbs/09_cli.ipynb #e0b7271a
-COMMAND_MODULES = ('data', 'lungs', 'train', 'external', 'crossval', 'inference', 'batch', 'dashboard', 'registry', 'retrain')
+COMMAND_MODULES = ('data', 'lungs', 'train', 'external', 'crossval', 'batch', 'dashboard', 'registry', 'retrain')
 
 def build_parser()->argparse.ArgumentParser:
     "The `cxr-covid` parser with every module's subcommands"

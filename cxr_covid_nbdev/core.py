@@ -12,7 +12,7 @@ __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SI
            'default_model_dir', 'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir',
            'fit_longest_side', 'model_input', 'check_arch', 'create_model', 'save_model_dir', 'read_meta',
            'verify_model_dir', 'load_model_dir', 'check_model_runs', 'cam_layer', 'grad_cam', 'softmax_t',
-           'energy_score']
+           'energy_score', 'scalar', 'fmt_number', 'parameter_argument', 'add_arguments', 'add_command']
 
 # %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform, warnings
@@ -358,3 +358,90 @@ def energy_score(logits:np.ndarray)->np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     m = z.max(axis=-1)
     return -(m + np.log(np.exp(z - m[..., None]).sum(axis=-1)))
+
+# %% ../nbs/00_core.ipynb #cb4d3a61
+import math
+
+def scalar(v)->float|None:
+    "A number from `v`, which may be a number, `None`, NaN, or a dict with `value`/`sensitivity`/`estimate`"
+    if isinstance(v, dict): return next((scalar(v[k]) for k in ('value', 'sensitivity', 'estimate') if k in v), None)
+    try: v = float(v)
+    except (TypeError, ValueError): return None
+    return None if math.isnan(v) else v
+
+def fmt_number(v, # a number, `None`, or what `scalar` reads
+               digits:int=3, # decimals
+               pct:bool=False)->str: # as a percentage with one decimal
+    "`v` as text, the one number format of reports, cards and tables; an em dash if it is missing"
+    if isinstance(v, (bool, int, np.integer)) and not pct: return str(v)
+    v = scalar(v)
+    return '—' if v is None else f'{100*v:.1f}%' if pct else f'{v:.{digits}f}'
+
+# %% ../nbs/00_core.ipynb #20d282a1
+import argparse, inspect, typing
+from fastcore.docments import docments
+
+def _arg_type(anno)->type:
+    "The argparse `type` of an annotation: the first of int, float, Path or str it allows"
+    kinds = typing.get_args(anno) or (anno,)
+    return next((t for t in kinds if t in (int, float, Path, str)), str)
+
+def _allows_list(anno)->bool: return list in (typing.get_args(anno) or (anno,))
+
+_METAVARS = {int: 'N', float: 'X', Path: 'PATH'}
+
+def _cli_help(doc:str|None)->str:
+    "A docment as command-line help: `None` (a parameter not given) reads 'not given', and `%` is escaped for argparse"
+    return (doc or '').replace('`None`', 'not given').replace('None:', 'not given:').replace('%', '%%')
+
+def _bool_argument(p:inspect.Parameter, flag:str, help:str)->tuple:
+    "(names, keywords) of a `bool` parameter: a switch, or `--x/--no-x` when it defaults to `True`"
+    if not p.default: return [f'--{flag}'], dict(dest=p.name, action='store_true', help=help)
+    if flag != p.name.replace('_', '-'): return [f'--{flag}'], dict(dest=p.name, action='store_false', help=f"turn off: {help}")
+    return [f'--{flag}'], dict(dest=p.name, action=argparse.BooleanOptionalAction, default=True, help=f"{help} (default: %(default)s)")
+
+def parameter_argument(p:inspect.Parameter, # a parameter of the function a command runs
+                       help:str|None, # its docment
+                       flag:str|None, # the option name without `--`; `None`: positional
+                      )->tuple: # (names, `add_argument` keywords)
+    "How a command turns one parameter into an argparse argument"
+    help, many, kind = _cli_help(help), _allows_list(p.annotation), _arg_type(p.annotation)
+    if flag is None: return [p.name], dict(type=kind, nargs='+' if many else None, metavar=p.name.upper(), help=help)
+    if p.annotation is bool: return _bool_argument(p, flag, help)
+    kw = dict(dest=p.name, type=kind, metavar=_METAVARS.get(kind, flag.upper().replace('-', '_')), nargs='+' if many else None)
+    if p.default is inspect.Parameter.empty: return [f'--{flag}'], dict(kw, required=True, help=help)
+    d = p.default
+    shown = '' if d in (None, '') or isinstance(d, dict) else ' '.join(map(str, d)) if isinstance(d, (tuple, list)) else '%(default)s'
+    return [f'--{flag}'], dict(kw, default=d, help=help + (f' (default: {shown})' if shown else ''))
+
+# %% ../nbs/00_core.ipynb #91222ff0
+def add_arguments(parser:argparse.ArgumentParser, # the parser to add to
+                  func, # the function whose parameters become arguments
+                  positional:tuple=(), # parameters given without `--`
+                  flags:dict|None=None, # parameter -> option name, where it differs from the parameter's
+                  skip:tuple=(), # parameters left at their defaults
+                  **overrides, # parameter -> `add_argument` keywords to add or replace (type, choices, metavar...)
+                 )->list: # the parameters added
+    "Add one argparse argument per parameter of `func`, with its default, type and docment"
+    docs, params = docments(func), inspect.signature(func).parameters
+    names = [k for k, p in params.items() if k not in (*skip, 'self') and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for k in names:
+        flag = None if k in positional else (flags or {}).get(k, k.replace('_', '-'))
+        opts, kw = parameter_argument(params[k], docs.get(k), flag)
+        kw = {a: v for a, v in {**kw, **overrides.get(k, {})}.items() if v is not None or a == 'default'}
+        parser.add_argument(*opts, **kw)
+    return names
+
+def add_command(subparsers, # `add_subparsers()` of the parser
+                func, # the library function the command runs; its docstring is the command's help, unless `run` has one
+                name:str, # the subcommand
+                run=None, # `run(args, **kwargs)` calls `func` and reports (its return value is the exit status); `None`: `func(**kwargs)`
+                parents:tuple=(), # parsers whose arguments the command shares
+                **kwargs, # `add_arguments`'s `positional`, `flags`, `skip` and overrides
+               )->argparse.ArgumentParser: # the subcommand's parser, to add the options that only shape the report
+    "A subcommand whose arguments are `func`'s parameters"
+    doc = inspect.getdoc(run if run is not None and run.__doc__ else func) or ''
+    p = subparsers.add_parser(name, help=doc.replace('%', '%%'), description=doc, parents=list(parents))
+    names, run = add_arguments(p, func, **kwargs), run or (lambda args, **kw: func(**kw))
+    p.set_defaults(run=lambda args: run(args, **{k: getattr(args, k) for k in names}))
+    return p

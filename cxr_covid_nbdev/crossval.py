@@ -18,7 +18,7 @@ from .core import *
 from .data import with_sites, SITES
 from .metrics import rate_ci, group_report
 from . import augment
-from .train import train_model, with_split, read_training_data
+from .train import train_model, with_split, read_training_data, balance_arg
 from .inference import Predictor
 from .lungs import segmenter_sha256
 
@@ -107,9 +107,10 @@ def crossval(data, # a data set `data.read_dataset` reads, or its DataFrame
              valid_per_class:int|None=None, # validation images per class kept; `None`: all
              balance:int|str|None='max', # oversampling of the training classes (`train_model`)
              pretrained:bool=True, # ImageNet weights (an error if unavailable: pass False to train from scratch)
-             seed:int=42,
+             seed:int=42, # seed of every fold's training
              models_dir:Path|str|None=None, # keep the fold models here; `None`: a temporary folder
-             progress:bool=False)->dict: # JSON-ready report
+             progress:bool=False, # print a line per fold model
+            )->dict: # JSON-ready report
     "Leave-one-group-out training and scoring of each recipe: per fold, per prediction, and a summary per recipe"
     df = with_split(read_training_data(data), seed)
     if hold_out == 'site': df = with_sites(df)
@@ -161,33 +162,13 @@ def format_crossval(report:dict)->str:
                       fold_table(report).to_string(**pd_opts), '', crossval_table(report).to_string(**pd_opts)])
 
 # %% ../nbs/06a_crossval.ipynb #fc322307
-def _run_crossval(args):
-    r = crossval(args.data, hold_out=args.hold_out, recipes=args.recipe or ['robust', 'paper'], groups=args.groups,
-                 arch=args.arch, size=args.size, epochs=args.epochs, freeze_epochs=args.freeze_epochs, bs=args.bs,
-                 per_class=args.per_class, valid_per_class=args.valid_per_class, pretrained=args.pretrained, seed=args.seed,
-                 progress=not args.quiet)
+def _run_crossval(args, **kw):
+    r = crossval(**kw)
     print(format_crossval(r))
     if args.json: atomic_write_json(args.json, r); print(f"Wrote {args.json}")
 
 def add_commands(subparsers:argparse._SubParsersAction):
-    "Add this module's `cxr-covid` subcommands to `subparsers`"
-    p = subparsers.add_parser('crossval', help='leave-one-site-out: train without each site, score on it',
-                              description='For each group of --hold-out (default: site) with diagnostic radiographs, train '
-                                          'each recipe on the other groups and score it on the held-out one; print the '
-                                          'recall on unseen sites per class and the COVID-19 false-positive rates.')
-    p.add_argument('data', metavar='DATA', help='a data set folder (with manifest.csv) or a prepared data set')
-    p.add_argument('--hold-out', default='site', metavar='COLUMN', help='manifest column to hold out, or site (default: site)')
-    p.add_argument('--recipe', action='append', choices=tuple(augment.RECIPES), help='a recipe to compare (repeat; default: robust and paper)')
-    p.add_argument('--groups', nargs='+', metavar='GROUP', default=None, help='hold out only these groups')
-    p.add_argument('--arch', default='resnet18', help='torchvision architecture (default: resnet18)')
-    p.add_argument('--size', type=int, default=128, help='input size in pixels (default: 128)')
-    p.add_argument('--epochs', type=int, default=6, help='unfrozen epochs (default: 6)')
-    p.add_argument('--freeze-epochs', type=int, default=1, help='frozen epochs first (default: 1)')
-    p.add_argument('--bs', type=int, default=32, help='batch size (default: 32)')
-    p.add_argument('--per-class', type=int, default=None, metavar='N', help='training images per class (default: all)')
-    p.add_argument('--valid-per-class', type=int, default=None, metavar='N', help='validation images per class (default: all)')
-    p.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='train from random weights')
-    p.add_argument('--seed', type=int, default=42, help='seed (default: 42)')
+    "Add `cxr-covid crossval` to `subparsers`: the options are `crossval`'s parameters"
+    p = add_command(subparsers, crossval, 'crossval', run=_run_crossval, positional=('data',), flags={'recipes': 'recipe', 'progress': 'quiet'},
+                    recipes=dict(choices=tuple(augment.RECIPES)), balance=dict(type=balance_arg))
     p.add_argument('--json', metavar='OUT', default=None, help='write the report (with every prediction) as JSON')
-    p.add_argument('--quiet', action='store_true', help='no progress lines')
-    p.set_defaults(run=_run_crossval)

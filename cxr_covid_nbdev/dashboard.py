@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ipywidgets as W
-from .core import NOT_CERTAIN, checkout_dir, resolve_model_dir
+from .core import NOT_CERTAIN, add_command, checkout_dir, resolve_model_dir
 
 # %% ../nbs/05b_dashboard.ipynb #74422830
 SERVICE_ENV, TOKEN_ENV = 'CXR_COVID_SERVICE', 'CXR_COVID_SERVICE_TOKEN'
@@ -280,17 +280,6 @@ def serve_dashboard(model_dir:Path|str|None=None, # the model folder
 
 # %% ../nbs/05b_dashboard.ipynb #9034138e
 def add_commands(subparsers:argparse._SubParsersAction):
-    "Add `cxr-covid dashboard` to `subparsers`"
-    p = subparsers.add_parser('dashboard', help='serve the clinician dashboard with Voila on 127.0.0.1',
-        description='Serve the clinician dashboard (upload images, see the verdict, probabilities and Grad-CAM).')
-    d = {k: v.default for k, v in inspect.signature(run_dashboard).parameters.items()}  # the defaults live in the signature
-    p.add_argument('--port', type=int, default=d['port'], help=f"port on 127.0.0.1 (default {d['port']})")
-    p.add_argument('--model', help='model folder (default: the registry production model, else the packaged one)')
-    p.add_argument('--max-sessions', type=int, default=d['max_sessions'],
-                   help=f"sessions at once; a visitor beyond them gets a busy page (default {d['max_sessions']})")
-    p.add_argument('--cull-idle', type=int, default=d['cull_idle_s'], metavar='SECONDS',
-                   help=f"free a closed page's session after this long idle (default {d['cull_idle_s']})")
-    p.add_argument('--cull-interval', type=int, default=d['cull_interval_s'], metavar='SECONDS',
-                   help=f"how often closed sessions are looked for (default {d['cull_interval_s']})")
-    p.add_argument('--threads', type=int, default=d['threads'], help="torch threads of the prediction service (default: every core)")
-    p.set_defaults(run=lambda a: run_dashboard(a.model, a.port, a.max_sessions, a.cull_idle, a.cull_interval, a.threads))
+    "Add `cxr-covid dashboard` to `subparsers`: the options are `run_dashboard`'s parameters"
+    add_command(subparsers, run_dashboard, 'dashboard',
+                flags={'model_dir': 'model', 'cull_idle_s': 'cull-idle', 'cull_interval_s': 'cull-interval'})

@@ -602,9 +602,8 @@ def prepare(srcs:list|Path|str, # dataset(s) in any layout `read_dataset` reads
     return out
 
 # %% ../nbs/01_data.ipynb #8242b86e
-def _run_prepare(args):
-    out = prepare(args.srcs, args.out, size=args.size, valid_pct=args.valid_pct, seed=args.seed,
-                  n_workers=args.workers, overwrite=args.overwrite, layout=args.layout)
+def _run_prepare(args, **kw):
+    out = prepare(**kw)
     meta = json.loads((out/'prepare.json').read_text())
     rep = json.loads((out/'report.json').read_text())
     print(f"{out}: {meta['n_images']} images at {meta['size']} px, {meta['n_skipped']} skipped, "
@@ -614,17 +613,6 @@ def _run_prepare(args):
     if len(rep['skipped']) > 10: print(f"  ... {len(rep['skipped']) - 10} more in {out/'report.json'}")
 
 def add_commands(subparsers:argparse._SubParsersAction):
-    "Add this module's `cxr-covid` subcommands to `subparsers`"
-    p = subparsers.add_parser('prepare', help='validate, shrink and split datasets into a training folder',
-                              description='Read SRC datasets (prepared, manifest, class folders, Kermany, Cohen or '
-                                          'Radiography-DB layouts), skip unreadable files, shrink images, find '
-                                          'near-duplicates, make a patient-level split, and write DIR.')
-    p.add_argument('srcs', nargs='+', metavar='SRC', help='dataset folder or manifest CSV')
-    p.add_argument('--out', required=True, help='folder to create')
-    p.add_argument('--size', type=int, default=DEFAULT_SIZE, help='longer side of the saved images (default %(default)s)')
-    p.add_argument('--valid-pct', type=float, default=0.2, help='share of unsplit patients put in valid (default %(default)s)')
-    p.add_argument('--seed', type=int, default=42, help='seed of the split (default %(default)s)')
-    p.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
-    p.add_argument('--layout', choices=LAYOUTS, default=None, help='force the layout instead of detecting it')
-    p.add_argument('--overwrite', action='store_true', help='replace DIR if it exists')
-    p.set_defaults(run=_run_prepare)
+    "Add `cxr-covid prepare` to `subparsers`: the options are `prepare`'s parameters"
+    add_command(subparsers, prepare, 'prepare', run=_run_prepare, positional=('srcs',), flags={'n_workers': 'workers'},
+                srcs=dict(metavar='SRC'), layout=dict(choices=LAYOUTS))

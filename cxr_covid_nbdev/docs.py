@@ -7,9 +7,9 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/docs.html.md"""
 # %% auto #0
 __all__ = ['RUN_NAME', 'SUMMARY_KEYS', 'NO_RUN', 'NO_CROSSVAL', 'SOURCES', 'MACHINE_PATH', 'CHROMIUM_ARGS', 'repo_root',
            'runs_dir', 'run_figures_dir', 'read_json', 'run_kind', 'list_runs', 'latest_run', 'load_run',
-           'predictions_of', 'scalar', 'fmt', 'fmt_ci', 'per_class_table', 'summary_table', 'subsets_of',
-           'subsets_table', 'shortcut_table', 'note', 'html_table', 'show_image', 'key_results', 'history_frame',
-           'paper_block', 'deviations', 'nonfinite_epochs', 'is_external', 'evaluation_caption', 'evaluation_heading',
+           'predictions_of', 'fmt_ci', 'per_class_table', 'summary_table', 'subsets_of', 'subsets_table',
+           'shortcut_table', 'note', 'html_table', 'show_image', 'key_results', 'history_frame', 'paper_block',
+           'deviations', 'nonfinite_epochs', 'is_external', 'evaluation_caption', 'evaluation_heading',
            'latest_crossval', 'unseen_results', 'paper_reported', 'comparison_table', 'source_of', 'load_manifest',
            'counts', 'index_path', 'render_readme', 'sync_readme', 'execute_index', 'readme_problems', 'module_of',
            'stage_notebook', 'run_title', 'execute_notebook', 'execute_all', 'toc', 'stage', 'build', 'site_problems',
@@ -20,7 +20,7 @@ import argparse, builtins, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pandas as pd
-from .core import LABELS, atomic_write_text, checkout_dir, shared_data_dir
+from .core import LABELS, atomic_write_text, checkout_dir, fmt_number, scalar, shared_data_dir
 from .metrics import class_recall
 
 # %% ../nbs/10_docs.ipynb #4a16ec07
@@ -87,27 +87,10 @@ def predictions_of(report:dict)->tuple:
     return [p['label'] for p in preds], np.array([p['probs'] for p in preds]), list(report['labels'])
 
 # %% ../nbs/10_docs.ipynb #88f750e8
-def scalar(v):
-    "A number from `v`, which may be a number, `None`, or a dict with `value`/`sensitivity`/`estimate`"
-    if isinstance(v, dict):
-        for k in ('value', 'sensitivity', 'estimate'):
-            if k in v: return scalar(v[k])
-        return None
-    if v is None: return None
-    try: v = float(v)
-    except (TypeError, ValueError): return None
-    return None if math.isnan(v) else v
-
-def fmt(v, digits:int=3)->str:
-    "`v` as text with `digits` decimals (integers stay integers), or an em dash if it is missing"
-    if isinstance(v, bool) or (isinstance(v, int)): return str(v)
-    v = scalar(v)
-    return '—' if v is None else f"{v:.{digits}f}"
-
 def fmt_ci(ci, digits:int=3)->str:
     "A 95% interval `[lo, hi]` as text, or an em dash"
     if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(scalar(c) is None for c in ci): return '—'
-    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+    return f"[{fmt_number(ci[0], digits)}, {fmt_number(ci[1], digits)}]"
 
 # %% ../nbs/10_docs.ipynb #5974538f
 def _labels(metrics:dict)->list: return list(metrics.get('labels') or LABELS)
@@ -118,9 +101,9 @@ def per_class_table(metrics:dict)->pd.DataFrame:
     rows = {}
     for lab in _labels(metrics):
         m, a = pc.get(lab) or {}, au.get(lab)
-        rows[lab] = {'precision': fmt(m.get('precision')), 'recall': fmt(m.get('recall')),
-                     'F1': fmt(m.get('f1')), 'accuracy': fmt(m.get('accuracy')), 'images': fmt(m.get('support')),
-                     'AUROC': fmt(a), 'AUROC 95% CI': fmt_ci(a.get('ci95') if isinstance(a, dict) else None)}
+        rows[lab] = {'precision': fmt_number(m.get('precision')), 'recall': fmt_number(m.get('recall')),
+                     'F1': fmt_number(m.get('f1')), 'accuracy': fmt_number(m.get('accuracy')), 'images': fmt_number(m.get('support')),
+                     'AUROC': fmt_number(a), 'AUROC 95% CI': fmt_ci(a.get('ci95') if isinstance(a, dict) else None)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('class')
 
 SUMMARY_KEYS = (('n', 'validation images'), ('accuracy', 'accuracy'), ('macro_f1', 'macro F1'),
@@ -129,7 +112,7 @@ SUMMARY_KEYS = (('n', 'validation images'), ('accuracy', 'accuracy'), ('macro_f1
 
 def summary_table(metrics:dict)->pd.DataFrame:
     "The run's headline numbers, one per row"
-    return pd.DataFrame({'value': [fmt(metrics.get(k)) for k,_ in SUMMARY_KEYS]},
+    return pd.DataFrame({'value': [fmt_number(metrics.get(k)) for k,_ in SUMMARY_KEYS]},
                         index=pd.Index([name for _,name in SUMMARY_KEYS], name='metric'))
 
 def subsets_of(metrics:dict|None)->dict:
@@ -142,8 +125,8 @@ def subsets_table(metrics:dict)->pd.DataFrame|None:
     subs = subsets_of(metrics)
     if not subs: return None
     from cxr_covid_nbdev.model_card import present_macro_f1  # a subset may lack classes: average over those present
-    rows = {name: {'images': fmt(s.get('n')), 'accuracy': fmt(s.get('accuracy')), 'macro F1': fmt(present_macro_f1(s)),
-                   'COVID-19 recall': fmt(class_recall(s, 'COVID-19'))} for name, s in subs.items() if isinstance(s, dict)}
+    rows = {name: {'images': fmt_number(s.get('n')), 'accuracy': fmt_number(s.get('accuracy')), 'macro F1': fmt_number(present_macro_f1(s)),
+                   'COVID-19 recall': fmt_number(class_recall(s, 'COVID-19'))} for name, s in subs.items() if isinstance(s, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('subset')
 
 # %% ../nbs/10_docs.ipynb #a5f3cadb
@@ -152,8 +135,8 @@ def shortcut_table(metrics:dict)->pd.DataFrame|None:
     sc = (metrics or {}).get('shortcut') or {}
     rows = {k.removeprefix('covid_fpr_normal_'): v for k, v in sc.items() if k.startswith('covid_fpr_normal_') and isinstance(v, dict)}
     if not rows: return None
-    return pd.DataFrame.from_dict({g: {'Normal images': fmt(v.get('n')), 'called COVID-19': fmt(v.get('k')),
-                                       'rate': fmt(v), 'rate 95% CI': fmt_ci(v.get('ci95'))} for g, v in rows.items()},
+    return pd.DataFrame.from_dict({g: {'Normal images': fmt_number(v.get('n')), 'called COVID-19': fmt_number(v.get('k')),
+                                       'rate': fmt_number(v), 'rate 95% CI': fmt_ci(v.get('ci95'))} for g, v in rows.items()},
                                   orient='index').rename_axis('age group')
 
 # %% ../nbs/10_docs.ipynb #0dfb5baf
@@ -197,15 +180,15 @@ def key_results(run:dict)->'IPython.display.Markdown':
     if not m: return note(NO_RUN)
     au = (m.get('auroc') or {}).get('COVID-19')
     s = m.get('covid_sensitivity_at_95_specificity')
-    txt = (f"**Key results** of the newest training run, {_describe(run)}, on {fmt(m.get('n'))} validation images: "
-           f"accuracy {fmt(m.get('accuracy'))}, macro F1 {fmt(m.get('macro_f1'))}, "
-           f"COVID-19 AUROC {fmt(au)} (95% CI {fmt_ci(au.get('ci95') if isinstance(au, dict) else None)}), "
-           f"COVID-19 sensitivity at 95% specificity {fmt(s)}"
+    txt = (f"**Key results** of the newest training run, {_describe(run)}, on {fmt_number(m.get('n'))} validation images: "
+           f"accuracy {fmt_number(m.get('accuracy'))}, macro F1 {fmt_number(m.get('macro_f1'))}, "
+           f"COVID-19 AUROC {fmt_number(au)} (95% CI {fmt_ci(au.get('ci95') if isinstance(au, dict) else None)}), "
+           f"COVID-19 sensitivity at 95% specificity {fmt_number(s)}"
            + (f" (95% CI {fmt_ci(s['ci95'])})" if isinstance(s, dict) and s.get('ci95') else '')
-           + f", expected calibration error {fmt(m.get('ece'))}.")
+           + f", expected calibration error {fmt_number(m.get('ece'))}.")
     subs = subsets_of(m)
     if subs:
-        txt += ' Accuracy by subset: ' + ', '.join(f"{k} {fmt(v.get('accuracy'))} (n = {fmt(v.get('n'))})"
+        txt += ' Accuracy by subset: ' + ', '.join(f"{k} {fmt_number(v.get('accuracy'))} (n = {fmt_number(v.get('n'))})"
                                                   for k, v in subs.items() if isinstance(v, dict)) + '.'
     return Markdown(txt)
 
@@ -277,8 +260,8 @@ def evaluation_heading(ext:dict, # an evaluation report
         splits = ', '.join(f"{k} in the {s or 'unsplit'} split" for s, k in dup.get('images_by_split', {}).items())
         seen = (f"{dup['images']} of its {n} images are near-duplicates of training-corpus images ({splits})"
                 + (": it is **not external**, and its numbers say nothing about a new hospital." if not is_external(ext) else '.'))
-    return (f"### {name} (`{path.parent.name}/{path.name}`)\n\n{seen} Accuracy {fmt(ext.get('accuracy'))}, "
-            f"macro F1 {fmt(ext.get('macro_f1'))}, n = {n}.")
+    return (f"### {name} (`{path.parent.name}/{path.name}`)\n\n{seen} Accuracy {fmt_number(ext.get('accuracy'))}, "
+            f"macro F1 {fmt_number(ext.get('macro_f1'))}, n = {n}.")
 
 # %% ../nbs/10_docs.ipynb #101fb09f
 NO_CROSSVAL = ("There is no leave-one-site-out run in `papermill_runs/runs/` yet (a folder whose `run.json` has "
@@ -296,9 +279,9 @@ def unseen_results(cv:dict|None)->'IPython.display.Markdown':
     if not cv: return note(NO_CROSSVAL)
     rep, st = cv['report'], cv['report']['settings']
     red = (cv['run'].get('parameters') or {}).get('reduced')
-    per = lambda v: ', '.join(f"{l} {fmt(v['recall'][l]['site_mean'])}" for l in ('COVID-19', 'Normal', 'Pneumonia'))
-    parts = [f"`{name}` recipe {fmt(v['mean_unseen_recall'])} ({per(v)}; Normal films called COVID-19 "
-             f"{fmt(100 * v['covid_fpr']['Normal']['value'], 1)}%; validation macro F1 on the sites it saw {fmt(v['valid_macro_f1_mean'])})"
+    per = lambda v: ', '.join(f"{l} {fmt_number(v['recall'][l]['site_mean'])}" for l in ('COVID-19', 'Normal', 'Pneumonia'))
+    parts = [f"`{name}` recipe {fmt_number(v['mean_unseen_recall'])} ({per(v)}; Normal films called COVID-19 "
+             f"{fmt_number(100 * v['covid_fpr']['Normal']['value'], 1)}%; validation macro F1 on the sites it saw {fmt_number(v['valid_macro_f1_mean'])})"
              for name, v in rep['summary'].items()]
     start = 'ImageNet weights' if st['pretrained'] else 'from scratch'
     desc = f"{start}, {red}" if red else f"{st['arch']} at {st['size']} px, {st['epochs']} epochs, {start}"
@@ -328,8 +311,8 @@ def comparison_table(metrics:dict|None, # our run's metrics, or `None`
     rows = []
     for lab, vals in paper['per_class'].items():
         for k, v in vals.items():
-            rows.append({'class': lab, 'metric': k, paper['column']: fmt(v),
-                         'this project (validation split)': fmt((ours_pc.get(lab) or {}).get(k))})
+            rows.append({'class': lab, 'metric': k, paper['column']: fmt_number(v),
+                         'this project (validation split)': fmt_number((ours_pc.get(lab) or {}).get(k))})
     return pd.DataFrame(rows).set_index(['class', 'metric'])
 
 # %% ../nbs/10_docs.ipynb #5fb9bf50
@@ -591,7 +574,7 @@ def newest_numbers()->dict:
     "The texts the front page must show: the newest training run's name, accuracy and macro F1"
     run = latest_run()
     m = read_json(run/'metrics.json', {}) if run else {}
-    return {'index.html': [run.name, fmt(m.get('accuracy')), fmt(m.get('macro_f1'))]} if m else {}
+    return {'index.html': [run.name, fmt_number(m.get('accuracy')), fmt_number(m.get('macro_f1'))]} if m else {}
 
 # %% ../nbs/10_docs.ipynb #8b847ee1
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']

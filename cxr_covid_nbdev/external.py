@@ -104,26 +104,13 @@ def format_report(r:dict)->str:
     if r.get('groups'): lines += ['', f"By {r['groups']['column']}:", format_groups(r['groups']['results'], list(d['counts']), r['groups']['column'])]
     return '\n'.join(lines)
 
-def _run_evaluate(args):
-    r = evaluate_model(args.model, args.data, per_class=args.per_class, seed=args.seed,
-                       train_manifest=args.train_manifest, bs=args.bs, num_workers=args.workers, group_by=args.group_by)
+def _run_evaluate(args, **kw):
+    r = evaluate_model(**kw)
     print(format_report(r))
     if args.json: atomic_write_json(args.json, r); print(f"Wrote {args.json}")
 
 def add_commands(subparsers:argparse._SubParsersAction):
-    "Add this module's `cxr-covid` subcommands to `subparsers`"
-    p = subparsers.add_parser('evaluate', help='external validation: Table-1 metrics on N images per class',
-                              description='Predict a seeded sample of N images per class of DATA and print per-class '
-                                          'precision, recall, F1, accuracy and AUROC, the confusion matrix, COVID-19 '
-                                          'sensitivity at 95% specificity and the calibration error.')
-    p.add_argument('data', metavar='DATA', help='a data set folder or manifest (any layout `prepare` reads)')
-    p.add_argument('--model', metavar='MODEL_DIR', default=None, help='model folder (default: production, else the packaged model)')
-    p.add_argument('--per-class', type=int, default=200, metavar='N', help='images per class, as the paper (default: 200; all if fewer)')
-    p.add_argument('--seed', type=int, default=42, help='seed of the sample and the bootstrap (default: 42)')
-    p.add_argument('--train-manifest', metavar='M', default=None, help="the model's training data, to count near-duplicates")
-    p.add_argument('--group-by', metavar='COLUMN', default=None,
-                   help='also report each group of this manifest column (source_repo, age_group, view... or site)')
+    "Add `cxr-covid evaluate` to `subparsers`: the options are `evaluate_model`'s parameters"
+    p = add_command(subparsers, evaluate_model, 'evaluate', run=_run_evaluate, positional=('data',), flags={'num_workers': 'workers'},
+                    model=dict(required=False, default=None, metavar='MODEL_DIR'), data=dict(type=str))
     p.add_argument('--json', metavar='OUT', default=None, help='write the full report (with every prediction) as JSON')
-    p.add_argument('--bs', type=int, default=32, help='batch size (default: 32)')
-    p.add_argument('--workers', type=int, default=0, help='data loader workers (default: 0)')
-    p.set_defaults(run=_run_evaluate)

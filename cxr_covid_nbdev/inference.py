@@ -7,7 +7,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/inference.html.md"""
 # %% auto #0
 __all__ = ['ABSTAIN_NOT_CERTAIN', 'ABSTAIN_OOD', 'ABSTAIN_HEADER', 'CHEST_BODY_PARTS', 'LATERAL_VIEWS', 'Preprocess', 'cache_dir',
            'export_onnx', 'onnx_model', 'header_reason', 'Prediction', 'decide', 'model_inputs', 'Predictor', 'overlay',
-           'Explanation', 'png_base64', 'PredictionService', 'prediction_service', 'find_images', 'add_commands']
+           'Explanation', 'png_base64', 'PredictionService', 'prediction_service', 'find_images', 'print_predictions']
 
 # %% ../nbs/05_inference.ipynb #8af062b8
 import argparse, base64, ctypes, inspect, io, itertools, json, os, queue, secrets, sys, threading, warnings
@@ -456,39 +456,29 @@ def _write_cam(pr:Predictor, path:Path, out:Path, used:set)->Path:
     buf = io.BytesIO(); pr.explain(path).overlay.save(buf, format='PNG')
     return atomic_write_bytes(out/_cam_name(path, used), buf.getvalue())
 
-def _run_predict(args)->int:
-    model_dir = resolve_model_dir(args.model)
-    files = find_images(args.sources)
-    if not files: raise FileNotFoundError(f"no image or DICOM files in {', '.join(map(str, args.sources))}")
-    pr = Predictor(model_dir)
-    used, n_bad = set(), 0
-    if not args.json:
-        print(f"{'label':<12} " + ' '.join(f'{l[:9]:>9}' for l in pr.labels) + '  path  [reason]')
-    for path, pred, reason in pr.iter_predict(files, bs=args.bs, num_workers=args.workers, progress=True):
+def _print_row(pr:Predictor, pred:Prediction, path):
+    print(f"{pred.label:<12} " + ' '.join(f'{pred.probs[l]:9.3f}' for l in pr.labels)
+          + f"  {path}" + (f"  [{pred.reason}]" if pred.abstained else ''), flush=True)
+
+def print_predictions(sources:list, # image files or folders (walked)
+                      model_dir:Path|str|None=None, # a model folder; `None`: the registry's production model, else the packaged one
+                      as_json:bool=False, # one JSON object per file instead of a table
+                      cam_dir:Path|str|None=None, # write a Grad-CAM overlay PNG per image here
+                      bs:int=32, num_workers:int=0, # `Predictor.iter_predict`'s
+                     )->int: # 1 if a file could not be read (it is reported on stderr), else 0
+    "Print the prediction of every image, as `cxr-covid predict` without `--out` does"
+    files = find_images(sources)
+    if not files: raise FileNotFoundError(f"no image or DICOM files in {', '.join(map(str, sources))}")
+    pr, used, n_bad = Predictor(resolve_model_dir(model_dir)), set(), 0
+    if not as_json: print(f"{'label':<12} " + ' '.join(f'{l[:9]:>9}' for l in pr.labels) + '  path  [reason]')
+    for path, pred, reason in pr.iter_predict(files, bs=bs, num_workers=num_workers, progress=True):
         if pred is None:
             n_bad += 1
             print(f"cxr-covid predict: skipped {path}: {reason}", file=sys.stderr)
-            if args.json: print(json.dumps({'path': str(path), 'error': reason}), flush=True)
+            if as_json: print(json.dumps({'path': str(path), 'error': reason}), flush=True)
             continue
         rec = {'path': str(path), **pred.to_dict(), 'model_version': pr.version}
-        if args.cam: rec['cam'] = str(_write_cam(pr, Path(path), Path(args.cam), used))
-        if args.json: print(json.dumps(rec), flush=True)
-        else:
-            print(f"{pred.label:<12} " + ' '.join(f'{pred.probs[l]:9.3f}' for l in pr.labels)
-                  + f"  {path}" + (f"  [{pred.reason}]" if pred.abstained else ''), flush=True)
+        if cam_dir: rec['cam'] = str(_write_cam(pr, Path(path), Path(cam_dir), used))
+        if as_json: print(json.dumps(rec), flush=True)
+        else: _print_row(pr, pred, path)
     return 1 if n_bad else 0
-
-# %% ../nbs/05_inference.ipynb #63f066c6
-def add_commands(subparsers:argparse._SubParsersAction):
-    "Add this module's `cxr-covid` subcommands to `subparsers`"
-    p = subparsers.add_parser('predict', help='predict images, folders of images or DICOM files',
-        description='Predict each image (PNG, JPEG, DICOM...; folders are walked). A file that cannot be read is '
-                    'reported on stderr and skipped, and the exit status is then 1.')
-    p.add_argument('sources', nargs='+', metavar='FILE_OR_DIR', help='image files or folders')
-    p.add_argument('--model', help='model folder (default: the registry production model, else the packaged one)')
-    p.add_argument('--json', action='store_true', help='print one JSON object per file instead of a table')
-    p.add_argument('--cam', metavar='DIR', help='write a Grad-CAM overlay PNG per image into DIR')
-    d = {k: v.default for k, v in inspect.signature(Predictor.iter_predict).parameters.items()}  # the defaults live in the signature
-    p.add_argument('--bs', type=int, default=d['bs'], help=f"batch size (default {d['bs']})")
-    p.add_argument('--workers', type=int, default=d['num_workers'], help=f"DataLoader worker processes reading the files (default {d['num_workers']})")
-    p.set_defaults(run=_run_predict)

@@ -204,10 +204,11 @@ def fit_segmenter(folder:Path|str, # a lung-mask folder (`lung_mask_pairs`)
                   out:Path|str, # the segmenter folder to create
                   train_manifest:Path|str|None=None, # `cxr-train/manifest.csv`, to hold out its validation films
                   epochs:int=60, # passes over the training pairs
-                  seed:int=0,
+                  seed:int=0, # seed of the held-out split and the weights
                   negatives:bool=False, # also train on images without lungs (`negative_pairs`, needs `train_manifest`)
                   exclude:list=(), # file names never trained on (the developers' sample)
-                  progress:bool=False)->dict: # the saved `meta.json`
+                  progress:bool=False, # print the loss of each epoch
+                 )->dict: # the saved `meta.json`
     "Train a lung segmenter, measure its Dice on the held-out pairs and save it"
     pairs = lung_mask_pairs(folder, train_manifest)
     neg = negative_pairs(train_manifest, exclude) if negatives and train_manifest else pairs.iloc[:0]
@@ -323,24 +324,16 @@ def lung_share(cam:np.ndarray, # H×W saliency map, non-negative
     return float(np.clip(cam, 0, None)[m].sum() / total) if total > 0 else float('nan')
 
 # %% ../nbs/01a_lungs.ipynb #b1988c19
-def _run_train_lungs(args):
-    exclude = [p.name for p in Path(args.exclude).rglob('*') if p.is_file()] if args.exclude else ()
-    meta = fit_segmenter(args.folder, args.out, args.train_manifest, epochs=args.epochs, seed=args.seed,
-                         negatives=args.negatives, exclude=exclude, progress=True)
+def _file_names(folder:str)->list: return [p.name for p in Path(folder).rglob('*') if p.is_file()]
+
+def _run_train_lungs(args, **kw):
+    meta = fit_segmenter(**kw)
     d = meta['dice_held_out']
-    print(f"Saved {args.out}: Dice on {meta['data']['n_held_out']} held-out masks "
+    print(f"Saved {kw['out']}: Dice on {meta['data']['n_held_out']} held-out masks "
           + (f"mean {d['mean']:.3f}, min {d['min']:.3f}" if d['mean'] is not None else 'not measured (nothing held out)'))
 
 def add_commands(subparsers):
-    "Add this module's `cxr-covid` subcommands to `subparsers`"
-    p = subparsers.add_parser('train-lungs', help='train the lung-field segmenter on a lung-mask folder',
-                              description='Train the small U-Net of `cxr_covid_nbdev.lungs` on image/mask pairs, hold out '
-                                          'the films of the classifier\'s validation split, report their Dice, save OUT.')
-    p.add_argument('folder', metavar='LUNG_MASKS', help='folder with manifest.csv, images/ and masks/')
-    p.add_argument('--out', required=True, metavar='DIR', help='segmenter folder to create (must not exist)')
-    p.add_argument('--train-manifest', metavar='CSV', default=None, help="cxr-train's manifest.csv: its validation films are held out")
-    p.add_argument('--epochs', type=int, default=60, help='epochs (default: 60)')
-    p.add_argument('--seed', type=int, default=0, help='seed (default: 0)')
-    p.add_argument('--negatives', action='store_true', help='also train on CT, MRI and photos of the train manifest with empty masks')
-    p.add_argument('--exclude', metavar='FOLDER', default=None, help='never train on the images whose file names are in this folder (the developers\' sample)')
-    p.set_defaults(run=_run_train_lungs)
+    "Add `cxr-covid train-lungs` to `subparsers`: the options are `fit_segmenter`'s parameters"
+    add_command(subparsers, fit_segmenter, 'train-lungs', run=_run_train_lungs, positional=('folder',),
+                folder=dict(metavar='LUNG_MASKS'), exclude=dict(type=_file_names, nargs=None, metavar='FOLDER',
+                help="never train on the images whose file names are in this folder (the developers' sample)"))

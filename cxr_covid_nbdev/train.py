@@ -9,7 +9,7 @@ __all__ = ['CONTRAST', 'read_training_data', 'with_split', 'RadiographLoader', '
            'imagenet_state_dict', 'local_state_dict', 'load_body_weights', 'nll', 'fit_temperature', 'ood_threshold',
            'cam_lung_shares', 'crossval_summary', 'process_role', 'distributed_fit', 'alone', 'rank0_wrote',
            'StartingWeights', 'starting_weights', 'make_learner', 'fit_recipe', 'validation_logits',
-           'calibrated_metrics', 'model_meta', 'train_model', 'add_commands']
+           'calibrated_metrics', 'model_meta', 'train_model', 'balance_arg', 'add_commands']
 
 # %% ../nbs/04_train.ipynb #905e18b0
 import argparse, json, os, tempfile, time
@@ -373,7 +373,7 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 pretrained:bool=True, # start from torchvision's ImageNet weights (error if unavailable)
                 weights:Path|str|None=None, # start from this torchvision state dict instead (.pth/.safetensors)
                 balance:int|str|None=None, # oversample each training class to this many images, or 'max'
-                seed:int=42,
+                seed:int=42, # seed of the split of unsplit data, the sampling and the weights
                 lr_min:float=1e-4, # learning rate of the first layer group
                 lr_max:float=1e-2, # learning rate of the head
                 init_from:Path|str|None=None, # fine-tune this model folder (scheduled retraining)
@@ -420,45 +420,19 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
     return rank0_wrote(out) if role['world'] > 1 else out
 
 # %% ../nbs/04_train.ipynb #20aeea4c
-def _balance_arg(v:str): return v if v == 'max' else int(v)
+def balance_arg(v:str)->int|str:
+    "`balance` as the command line gives it: a number of images, or 'max'"
+    return v if v == 'max' else int(v)
 
-def _run_train(args):
-    pretrained = args.pretrained and args.weights is None
-    out = train_model(args.data, args.out, arch=args.arch, size=args.size, epochs=args.epochs,
-                      freeze_epochs=args.freeze_epochs, bs=args.bs, pretrained=pretrained, weights=args.weights,
-                      balance=args.balance, seed=args.seed, init_from=args.init_from, num_workers=args.workers,
-                      device=args.device, progress=not args.quiet, dtype=args.dtype, recipe=args.recipe,
-                      crossval=args.crossval)
+def _run_train(args, **kw):
+    out = train_model(**kw)
     if process_role()['rank']: return  # rank 0 says what it wrote
     meta, m = read_meta(out), json.loads((out/'metrics.json').read_text())
     print(f"Saved {out}: {meta['arch']} at {meta['size']} px, recipe {meta['recipe']['name']}, validation accuracy {m['accuracy']:.3f}, "
           f"macro F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f} (temperature {meta['temperature']:.2f})")
 
 def add_commands(subparsers:argparse._SubParsersAction):
-    "Add this module's `cxr-covid` subcommands to `subparsers`"
-    p = subparsers.add_parser('train', help='train a model folder on a data set (the paper recipe)',
-                              description='Fine-tune a torchvision network with fastai: frozen, then unfrozen with '
-                                          'discriminative learning rates; fit temperature scaling and the OOD threshold '
-                                          'on the validation split; write MODEL_DIR atomically.')
-    p.add_argument('data', metavar='DATA', help='a data set folder (with manifest.csv) or a prepared data set')
-    p.add_argument('--out', required=True, metavar='MODEL_DIR', help='model folder to create (must not exist)')
-    p.add_argument('--arch', default='resnet50', help='torchvision architecture (default: resnet50)')
-    p.add_argument('--size', type=int, default=DEFAULT_SIZE, help=f'input size in pixels (default: {DEFAULT_SIZE})')
-    p.add_argument('--epochs', type=int, default=15, help='unfrozen epochs (default: 15)')
-    p.add_argument('--freeze-epochs', type=int, default=1, help='frozen-body epochs first (default: 1)')
-    p.add_argument('--bs', type=int, default=32, help='batch size (default: 32)')
-    g = p.add_mutually_exclusive_group()
-    g.add_argument('--pretrained', dest='pretrained', action='store_true', default=True,
-                   help="start from torchvision's ImageNet weights (default; needs the internet or the torch cache)")
-    g.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='start from random weights')
-    g.add_argument('--weights', metavar='PATH', default=None, help='start from a torchvision state dict file (.pth or .safetensors)')
-    g.add_argument('--init-from', metavar='MODEL_DIR', default=None, help='fine-tune an existing model folder')
-    p.add_argument('--balance', type=_balance_arg, default=None, metavar='N', help="oversample each training class to N images, or 'max'")
-    p.add_argument('--recipe', choices=tuple(augment.RECIPES), default='paper', help='training recipe (default: paper; see augment.RECIPES)')
-    p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
-    p.add_argument('--crossval', metavar='JSON', default=None, help="a leave-one-site-out crossval.json to keep in the model's metrics and card")
-    p.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='weights precision on disk')
-    p.add_argument('--workers', type=int, default=None, metavar='N', help='data loader workers')
-    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda if available)')
-    p.add_argument('--quiet', action='store_true', help='no progress bar')
-    p.set_defaults(run=_run_train)
+    "Add `cxr-covid train` to `subparsers`: the options are `train_model`'s parameters"
+    add_command(subparsers, train_model, 'train', run=_run_train, positional=('data',),
+                flags={'num_workers': 'workers', 'progress': 'quiet'}, balance=dict(type=balance_arg),
+                recipe=dict(choices=tuple(augment.RECIPES)), dtype=dict(choices=('float32', 'float16')))

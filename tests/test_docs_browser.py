@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from cxr_covid_nbdev import docs
+from cxr_covid_nbdev.core import fmt_number
 
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +56,12 @@ def _expect_run_table(page, metrics):
     assert list(t) == list(metrics['labels'])
     for lab, cells in t.items():
         pc = metrics['per_class'][lab]
-        want = [docs.fmt(pc.get(k)) for k in ('precision', 'recall', 'f1', 'accuracy', 'support')]
+        want = [fmt_number(pc.get(k)) for k in ('precision', 'recall', 'f1', 'accuracy', 'support')]
         assert cells[:5] == want, (lab, cells, want)
-        assert cells[5] == docs.fmt(metrics['auroc'][lab])
+        assert cells[5] == fmt_number(metrics['auroc'][lab])
     s = _table(page, 'summary-table')
-    assert s['accuracy'] == [docs.fmt(metrics['accuracy'])] and s['macro F1'] == [docs.fmt(metrics['macro_f1'])]
-    assert s['validation images'] == [docs.fmt(metrics['n'])]
+    assert s['accuracy'] == [fmt_number(metrics['accuracy'])] and s['macro F1'] == [fmt_number(metrics['macro_f1'])]
+    assert s['validation images'] == [fmt_number(metrics['n'])]
 
 
 @pytest.mark.parametrize('name', ['index', '13_results'])
@@ -108,8 +109,8 @@ def test_external_page_shows_its_json(site, page, artifacts):
         assert list(t) == list(ext['labels'])
         for lab, cells in t.items():
             pc = ext['per_class'][lab]
-            assert cells[:5] == [docs.fmt(pc.get(c)) for c in ('precision', 'recall', 'f1', 'accuracy', 'support')], (f.name, lab, cells)
-        assert f"Accuracy {docs.fmt(ext['accuracy'])}, macro F1 {docs.fmt(ext['macro_f1'])}, n = {ext['n']}." in text
+            assert cells[:5] == [fmt_number(pc.get(c)) for c in ('precision', 'recall', 'f1', 'accuracy', 'support')], (f.name, lab, cells)
+        assert f"Accuracy {fmt_number(ext['accuracy'])}, macro F1 {fmt_number(ext['macro_f1'])}, n = {ext['n']}." in text
         dup = ext.get('duplicates_with_training')
         if dup is not None: assert f"{dup['images']} of its {ext['n']} images are near-duplicates" in text
         if not docs.is_external(ext): assert 'not external' in text

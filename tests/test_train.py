@@ -131,8 +131,8 @@ def test_cli_refusals(cxr_real, tiny_model_dir, tmp_path):
     assert r.returncode == 2 and 'does not exist' in r.stderr and not (tmp_path/'m').exists()
     r = cli_in_process('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--arch', 'resnet5000')
     assert r.returncode == 2 and 'Unknown architecture' in r.stderr and not (tmp_path/'m').exists()
-    r = cli_in_process('train', cxr_real, '--out', tmp_path/'m', '--no-pretrained', '--weights', tmp_path/'w.pth')
-    assert r.returncode == 2  # argparse: --no-pretrained and --weights exclude each other
+    r = cli_in_process('train', cxr_real, '--out', tmp_path/'m', '--weights', tmp_path/'w.pth')
+    assert r.returncode == 2 and 'w.pth' in r.stderr and not (tmp_path/'m').exists()
 
 
 @pytest.mark.slow
