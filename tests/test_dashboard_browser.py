@@ -1,4 +1,6 @@
-"The clinician dashboard in Debian's Chromium: `cxr-covid dashboard` served by Voila, driven with Playwright."
+"""The clinician dashboard in Debian's Chromium: `cxr-covid dashboard` served by Voila, driven with Playwright.
+
+Not a notebook check: it runs the Voila server and the prediction service as processes and drives Chromium."""
 import os, re, signal, socket, subprocess, time
 from pathlib import Path
 

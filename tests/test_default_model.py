@@ -1,4 +1,7 @@
-"The shipped default model: intact, pickle-free, honest about its recipe, and what commands use by default."
+"""The shipped default model: intact, pickle-free, honest about its recipe, and what commands use by default.
+
+Not a notebook check: it checks the checkout's shipped files (the model folder, its papermill run record) and the
+commands in their own processes."""
 import json
 import subprocess
 import sys

@@ -1,4 +1,7 @@
-"The research compendium: README.md is generated from nbs/index.ipynb, the Quarto config is one nbdev can use, the run tables show the JSON."
+"""The research compendium: README.md is generated from nbs/index.ipynb, the Quarto config is one nbdev can use, the run tables show the JSON.
+
+Not a notebook check: it reads the repository's generated files (README.md, the book's config) and runs the docs
+commands."""
 import json, shutil, subprocess, sys
 from pathlib import Path
 

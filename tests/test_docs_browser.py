@@ -1,4 +1,6 @@
-"Build the compendium the way CI does (Jupyter Book, warnings are errors) and read it in Chromium."
+"""Build the compendium the way CI does (Jupyter Book, warnings are errors) and read it in Chromium.
+
+Not a notebook check: the build executes every notebook, and the site is read in a browser."""
 import json
 from pathlib import Path
 

@@ -1,4 +1,6 @@
-"End to end: `cxr-covid prepare` -> `cxr-covid train` -> `cxr-covid evaluate --json`, checked against scikit-learn."
+"""End to end: `cxr-covid prepare` -> `cxr-covid train` -> `cxr-covid evaluate --json`, checked against scikit-learn.
+
+Not a notebook check: the three commands run as processes, one after another, on a model trained for the test."""
 import json, subprocess
 from pathlib import Path
 

@@ -1,5 +1,7 @@
 """Scheduled retraining end to end, with papermill and real images: promotion, rejection of a label-flipped
-inbox, a run killed with SIGKILL, two runs at once, a malformed inbox, rollback. Tiny models (resnet18, 48 px)."""
+inbox, a run killed with SIGKILL, two runs at once, a malformed inbox, rollback. Tiny models (resnet18, 48 px).
+
+Not a notebook check: papermill runs in their own kernels, SIGKILL, and two runs at once."""
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 

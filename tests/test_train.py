@@ -1,4 +1,7 @@
-"`train.train_model` and `cxr-covid train`: the model folder, its calibration and OOD threshold, starting weights, refusals."
+"""`train.train_model` and `cxr-covid train`: the model folder, its calibration and OOD threshold, starting weights, refusals.
+
+Not in `nbs/04_train.ipynb`: these train several models (minutes on two cores, not the seconds a notebook may
+take) and run `cxr-covid train` and papermill as processes."""
 import json, os, subprocess, sys
 from pathlib import Path
 
