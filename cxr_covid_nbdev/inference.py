@@ -467,9 +467,10 @@ def print_predictions(sources:list, # image files or folders (walked)
                       bs:int=32, num_workers:int=0, # `Predictor.iter_predict`'s
                      )->int: # 1 if a file could not be read (it is reported on stderr), else 0
     "Print the prediction of every image, as `cxr-covid predict` without `--out` does"
+    model_dir = resolve_model_dir(model_dir)  # a bad model is the first thing to say
     files = find_images(sources)
     if not files: raise FileNotFoundError(f"no image or DICOM files in {', '.join(map(str, sources))}")
-    pr, used, n_bad = Predictor(resolve_model_dir(model_dir)), set(), 0
+    pr, used, n_bad = Predictor(model_dir), set(), 0
     if not as_json: print(f"{'label':<12} " + ' '.join(f'{l[:9]:>9}' for l in pr.labels) + '  path  [reason]')
     for path, pred, reason in pr.iter_predict(files, bs=bs, num_workers=num_workers, progress=True):
         if pred is None:
