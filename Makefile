@@ -32,11 +32,15 @@ check-drift:
 	before=$$(snap); nbdev-clean && nbdev-export; after=$$(snap); \
 	if [ "$$before" != "$$after" ]; then echo "nbdev-clean/nbdev-export changed files: commit clean, exported notebooks"; git status --short -- nbs cxr_covid_nbdev; exit 1; fi
 
+# nbdev-test runs copies of the notebooks and keeps their outputs in _build/nbtest: the docs test builds the
+# site from them instead of running every notebook a second time (`docs.stage(reuse=...)`).
 nbtest:
-	CXR_SHARED=$(SHARED) nbdev-test --n-workers 2 --timing
+	rm -rf _build/nbtest && mkdir -p _build/nbtest && cp nbs/*.ipynb _build/nbtest/
+	CXR_SHARED=$(SHARED) CXR_DOCS_ROOT=$(CURDIR) PYTHONHASHSEED=0 MPLBACKEND=module://matplotlib_inline.backend_inline \
+	  nbdev-test _build/nbtest --n-workers 2 --timing --save
 
 pytest:
-	CXR_SHARED=$(SHARED) $(PYTHON) -m pytest -q -ra
+	CXR_SHARED=$(SHARED) $(PYTHON) -m pytest -q -ra --durations=30 -n 2 --dist loadfile
 
 test: install-dev browser check-drift nbtest pytest
 

@@ -12,7 +12,8 @@ __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SI
            'default_model_dir', 'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir',
            'fit_longest_side', 'model_input', 'check_arch', 'create_model', 'save_model_dir', 'read_meta',
            'verify_model_dir', 'load_model_dir', 'check_model_runs', 'cam_layer', 'grad_cam', 'softmax_t',
-           'energy_score', 'scalar', 'fmt_number', 'parameter_argument', 'add_arguments', 'add_command']
+           'energy_score', 'scalar', 'fmt_number', 'parameter_argument', 'add_arguments', 'add_command',
+           'report_command']
 
 # %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform, warnings
@@ -445,3 +446,13 @@ def add_command(subparsers, # `add_subparsers()` of the parser
     names, run = add_arguments(p, func, **kwargs), run or (lambda args, **kw: func(**kw))
     p.set_defaults(run=lambda args: run(args, **{k: getattr(args, k) for k in names}))
     return p
+
+def report_command(func, # a library function whose result is a JSON-ready report
+                   as_text, # the report as text
+                  ): # a `run` for `add_command`, for a command with a `--json OUT` option
+    "Print `as_text` of `func`'s report, and write the report as JSON to `--json OUT` when given"
+    def run(args, **kw):
+        r = func(**kw)
+        print(as_text(r))
+        if args.json: atomic_write_json(args.json, r); print(f"Wrote {args.json}")
+    return run

@@ -162,13 +162,8 @@ def format_crossval(report:dict)->str:
                       fold_table(report).to_string(**pd_opts), '', crossval_table(report).to_string(**pd_opts)])
 
 # %% ../nbs/06a_crossval.ipynb #fc322307
-def _run_crossval(args, **kw):
-    r = crossval(**kw)
-    print(format_crossval(r))
-    if args.json: atomic_write_json(args.json, r); print(f"Wrote {args.json}")
-
 def add_commands(subparsers:argparse._SubParsersAction):
     "Add `cxr-covid crossval` to `subparsers`: the options are `crossval`'s parameters"
-    p = add_command(subparsers, crossval, 'crossval', run=_run_crossval, positional=('data',), flags={'recipes': 'recipe', 'progress': 'quiet'},
+    p = add_command(subparsers, crossval, 'crossval', run=report_command(crossval, format_crossval), positional=('data',), flags={'recipes': 'recipe', 'progress': 'quiet'},
                     recipes=dict(choices=tuple(augment.RECIPES)), balance=dict(type=balance_arg))
     p.add_argument('--json', metavar='OUT', default=None, help='write the report (with every prediction) as JSON')

@@ -12,8 +12,9 @@ __all__ = ['RUN_NAME', 'SUMMARY_KEYS', 'NO_RUN', 'NO_CROSSVAL', 'SOURCES', 'MACH
            'deviations', 'nonfinite_epochs', 'is_external', 'evaluation_caption', 'evaluation_heading',
            'latest_crossval', 'unseen_results', 'paper_reported', 'comparison_table', 'source_of', 'load_manifest',
            'counts', 'index_path', 'render_readme', 'sync_readme', 'execute_index', 'readme_problems', 'module_of',
-           'stage_notebook', 'run_title', 'execute_notebook', 'execute_all', 'toc', 'stage', 'build', 'site_problems',
-           'newest_numbers', 'screenshot_files', 'dashboard_screenshot', 'serve_and_screenshot', 'main']
+           'stage_notebook', 'run_title', 'execute_notebook', 'execute_all', 'toc', 'already_run', 'stage', 'build',
+           'site_problems', 'newest_numbers', 'screenshot_files', 'dashboard_screenshot', 'serve_and_screenshot',
+           'main']
 
 # %% ../nbs/10_docs.ipynb #f5d08493
 import argparse, builtins, json, math, os, re, shutil, subprocess, sys
@@ -481,10 +482,23 @@ def toc(chapters:list, library:list, runs:list)->dict:
     if runs: parts.append({'caption': 'Executed runs', 'chapters': [{'file': r} for r in runs]})
     return {'format': 'jb-book', 'root': 'index', 'parts': [p for p in parts if p['chapters']]}
 
+def already_run(src:Path|str, # a notebook of `nbs/`
+                ran:Path|str, # a copy of it that `nbdev-test --save` ran
+               )->bool: # may the docs use `ran` instead of running `src` again?
+    "Is `ran` a complete run of `src`: the same cells, and none that `nbdev-test` skips (`#| notest`, `#| slow`)?"
+    import nbformat
+    if not Path(ran).is_file(): return False
+    a, b = (nbformat.read(str(p), as_version=4) for p in (src, ran))
+    cells = lambda nb: [(c.cell_type, c.source) for c in nb.cells]
+    skipped = any(re.match(r'#\|\s*(notest|slow)\b', c.source) for c in a.cells if c.cell_type == 'code')
+    return cells(a) == cells(b) and not skipped
+
 def stage(out:Path|str|None=None, # the book's source folder; default `_build/_src` (executed copies go beside it, in `_executed`)
           n_workers:int=2, # notebooks run at once
           env:dict|None=None, # extra environment variables for the notebooks
-          execute:bool=True)->Path: # run the notebooks (`False`: stage them as stored, to check the staging alone)
+          execute:bool=True, # run the notebooks (`False`: stage them as stored, to check the staging alone)
+          reuse:Path|str|None=None, # notebooks `make nbtest` ran and saved (`_build/nbtest`): those `already_run` are not run again
+         )->Path:
     "Run the front page, chapters and library notebooks, copy them and the run notebooks into `out`, write `_config.yml` and `_toc.yml`"
     import yaml
     root = repo_root(); nbs = root/'nbs'
@@ -495,11 +509,12 @@ def stage(out:Path|str|None=None, # the book's source folder; default `_build/_s
     shutil.copy(root/'book'/'_config.yml', out/'_config.yml')
     if (root/'book'/'_static').is_dir(): shutil.copytree(root/'book'/'_static', out/'_static')
     pages = [nbs/'index.ipynb'] + _chapters(nbs) + _library(nbs)
+    done.mkdir(parents=True)
+    ran = [p for p in pages if reuse and already_run(p, Path(reuse)/p.name)] if execute else pages
+    for p in ran: shutil.copy(Path(reuse)/p.name if execute else p, done/p.name)
     # the biggest notebooks (most tests) first, so that two workers finish together
-    if execute: execute_all([(p, done/p.name) for p in sorted(pages, key=lambda p: -p.stat().st_size)], n_workers, env)
-    else:
-        done.mkdir(parents=True)
-        for p in pages: shutil.copy(p, done/p.name)
+    todo = sorted(set(pages) - set(ran), key=lambda p: -p.stat().st_size)
+    execute_all([(p, done/p.name) for p in todo], n_workers, env)
     import nbformat
     library = _library(nbs)
     for p in pages:
@@ -517,13 +532,15 @@ def stage(out:Path|str|None=None, # the book's source folder; default `_build/_s
 # %% ../nbs/10_docs.ipynb #6041d5a0
 def build(dest:Path|str|None=None, # folder that gets `_build/` (sources, executed notebooks, `html/`); default the checkout
           strict:bool=True, # warnings and `site_problems` are errors
-          n_workers:int=2)->Path: # notebooks run at once
+          n_workers:int=2, # notebooks run at once
+          reuse:Path|str|None=None, # `stage`'s: notebooks `make nbtest` already ran
+         )->Path: # the site's `index.html`
     "Run and stage the notebooks, build the site with Jupyter Book and check it; the path of its `index.html`"
     root = repo_root()
     base = Path(dest) if dest else root
     shutil.rmtree(base/'_build', ignore_errors=True)  # a fresh build every time: the same sources give the same site
     env = {'PYTHONHASHSEED': '0', 'MPLBACKEND': 'module://matplotlib_inline.backend_inline', 'CXR_DOCS_ROOT': str(root)}
-    src = stage(base/'_build'/'_src', n_workers, env)
+    src = stage(base/'_build'/'_src', n_workers, env, reuse=reuse)
     cmd = [sys.executable, '-c', 'import sys; from jupyter_book.cli.main import main; sys.exit(main())',
            'build', str(src), '--path-output', str(base), '--builder', 'html'] + (['-W', '--keep-going'] if strict else [])
     res = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, capture_output=True, text=True)

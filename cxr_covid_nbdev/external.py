@@ -104,13 +104,8 @@ def format_report(r:dict)->str:
     if r.get('groups'): lines += ['', f"By {r['groups']['column']}:", format_groups(r['groups']['results'], list(d['counts']), r['groups']['column'])]
     return '\n'.join(lines)
 
-def _run_evaluate(args, **kw):
-    r = evaluate_model(**kw)
-    print(format_report(r))
-    if args.json: atomic_write_json(args.json, r); print(f"Wrote {args.json}")
-
 def add_commands(subparsers:argparse._SubParsersAction):
     "Add `cxr-covid evaluate` to `subparsers`: the options are `evaluate_model`'s parameters"
-    p = add_command(subparsers, evaluate_model, 'evaluate', run=_run_evaluate, positional=('data',), flags={'num_workers': 'workers'},
+    p = add_command(subparsers, evaluate_model, 'evaluate', run=report_command(evaluate_model, format_report), positional=('data',), flags={'num_workers': 'workers'},
                     model=dict(required=False, default=None, metavar='MODEL_DIR'), data=dict(type=str))
     p.add_argument('--json', metavar='OUT', default=None, help='write the full report (with every prediction) as JSON')
