@@ -40,7 +40,7 @@ nbtest:
 	  nbdev-test _build/nbtest --n-workers 2 --timing --save
 
 pytest:
-	CXR_SHARED=$(SHARED) $(PYTHON) -m pytest -q -ra --durations=30 -n 2 --dist loadfile
+	CXR_SHARED=$(SHARED) $(PYTHON) -m pytest -q -ra --durations=30 -n 2 --dist loadgroup -p no:benchmark
 
 test: install-dev browser check-drift nbtest pytest
 

@@ -86,3 +86,25 @@ def cli_in_process(*args, env=None) -> CliResult:
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
     return CliResult(rc, out.getvalue(), err.getvalue())
+
+
+# `make test` runs pytest on two workers (`-n 2 --dist loadgroup`). Each module is one group, so its module-scoped
+# fixtures (a docs build, a Ray cluster, trained models) are made once; test_retrain, as long as several modules
+# together, is split in two halves that each train its seed model once. The longest groups start first, so that the
+# two workers finish together (durations measured in `make test`, slowest first).
+LONGEST_FIRST = ('test_retrain-a', 'test_retrain-b', 'test_batch', 'test_train', 'test_evaluate', 'test_dashboard_browser',
+                 'test_inference', 'test_docs_browser', 'test_crossval', 'test_default_model', 'test_registry')
+RETRAIN_A = ('test_good_inbox_is_promoted_and_served', 'test_malformed_inbox_changes_nothing',
+             'test_failed_run_leaves_registry_unchanged')
+
+
+def _group(item) -> str:
+    mod = item.module.__name__.rsplit('.', 1)[-1]
+    if mod != 'test_retrain': return mod
+    return f"{mod}-{'a' if item.originalname in RETRAIN_A else 'b'}"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items: item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = lambda item: LONGEST_FIRST.index(_group(item)) if _group(item) in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: the order within a group is kept
