@@ -90,9 +90,9 @@ def cli_in_process(*args, env=None) -> CliResult:
 
 # `make test` runs pytest on two workers (`-n 2 --dist loadgroup`). Each module is one group, so its module-scoped
 # fixtures (a docs build, a Ray cluster, trained models) are made once; test_retrain, as long as several modules
-# together, is split in two halves that each train its seed model once. The longest groups start first, so that the
-# two workers finish together (durations measured in `make test`, slowest first).
-LONGEST_FIRST = ('test_retrain-a', 'test_retrain-b', 'test_batch', 'test_train', 'test_evaluate', 'test_dashboard_browser',
+# together, is split in two halves that share its seed model (the first half trains it while the other worker runs
+# test_batch). The longest groups start first, so that the two workers finish together (durations of `make test`).
+LONGEST_FIRST = ('test_retrain-a', 'test_batch', 'test_retrain-b', 'test_train', 'test_evaluate', 'test_dashboard_browser',
                  'test_inference', 'test_docs_browser', 'test_crossval', 'test_default_model', 'test_registry')
 RETRAIN_A = ('test_good_inbox_is_promoted_and_served', 'test_malformed_inbox_changes_nothing',
              'test_failed_run_leaves_registry_unchanged')

@@ -65,10 +65,17 @@ def external(corpus, base_data, new_cases, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def seed_model(base_data, tmp_path_factory):
+    """The production model the runs start from: good enough (macro-F1 well above chance) that flipped labels hurt it.
+    Under pytest-xdist the two halves of this module (`conftest.RETRAIN_A`) share it: the first to come trains it."""
+    from filelock import FileLock
     from cxr_covid_nbdev.train import train_model
-    "The production model the runs start from: good enough (macro-F1 well above chance) that flipped labels hurt it"
-    return train_model(base_data, tmp_path_factory.mktemp('seed')/'model', arch='resnet18', size=64, epochs=6,
-                       freeze_epochs=0, bs=16, pretrained=False, seed=0, progress=False)
+    root = tmp_path_factory.getbasetemp().parent if os.environ.get('PYTEST_XDIST_WORKER') else tmp_path_factory.mktemp('seed')
+    out = root/'retrain-seed-model'
+    with FileLock(str(root/'retrain-seed-model.lock')):
+        if not out.is_dir():  # written atomically: a folder that exists is whole
+            train_model(base_data, out, arch='resnet18', size=64, epochs=6, freeze_epochs=0, bs=16, pretrained=False,
+                        seed=0, progress=False)
+    return out
 
 
 @pytest.fixture
