@@ -215,7 +215,7 @@ def inbox_suspect(flagged:np.ndarray, # bool per inbox row: does the audit dispu
                   alpha:float=0.05, # significance of the one-sided test
                  )->dict: # the counts, the p-value, and `hold_inbox`
     "Does the production model dispute the inbox's labels more often than trusted ones? A one-sided Fisher exact test"
-    from scipy.stats import fisher_exact
+    from scipy.stats import fisher_exact  # here, not at the top: scipy.stats takes a second to import, and every `cxr-covid` command imports this module
     a, n, b, m = int(np.sum(flagged)), len(flagged), int(np.sum(reference_flagged)), len(reference_flagged)
     p = float(fisher_exact([[a, n - a], [b, m - b]], alternative='greater').pvalue) if n and m else 1.0
     return {'inbox_disputed': a, 'inbox_rows': n, 'reference_disputed': b, 'reference_rows': m,
