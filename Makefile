@@ -34,10 +34,11 @@ check-drift:
 
 # nbdev-test runs copies of the notebooks and keeps their outputs in _build/nbtest: the docs test builds the
 # site from them instead of running every notebook a second time (`docs.stage(reuse=...)`).
+# Their temporary folders go to _build/nbtmp, removed when the run ends, passed or failed: /tmp keeps nothing of them.
 nbtest:
-	rm -rf _build/nbtest && mkdir -p _build/nbtest && cp nbs/*.ipynb _build/nbtest/
-	CXR_SHARED=$(SHARED) CXR_DOCS_ROOT=$(CURDIR) PYTHONHASHSEED=0 MPLBACKEND=module://matplotlib_inline.backend_inline \
-	  nbdev-test _build/nbtest --n-workers 2 --timing --save
+	rm -rf _build/nbtest _build/nbtmp && mkdir -p _build/nbtest _build/nbtmp && cp nbs/*.ipynb _build/nbtest/
+	CXR_SHARED=$(SHARED) CXR_DOCS_ROOT=$(CURDIR) PYTHONHASHSEED=0 MPLBACKEND=module://matplotlib_inline.backend_inline TMPDIR=$(CURDIR)/_build/nbtmp \
+	  nbdev-test _build/nbtest --n-workers 2 --timing --save; rc=$$?; rm -rf _build/nbtmp; exit $$rc
 
 pytest:
 	CXR_SHARED=$(SHARED) $(PYTHON) -m pytest -q -ra --durations=30 -n 2 --dist loadgroup -p no:benchmark
@@ -59,5 +60,7 @@ docs-readme: install-dev
 bench: install-dev
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_prepare.py
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_predict.py
+	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_default.py
+	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_train.py
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_dashboard.py --pages 10
 	CXR_SHARED=$(SHARED) $(PYTHON) benchmarks/bench_batch.py

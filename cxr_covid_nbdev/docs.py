@@ -187,6 +187,8 @@ def key_results(run:dict)->'IPython.display.Markdown':
            f"COVID-19 sensitivity at 95% specificity {fmt_number(s)}"
            + (f" (95% CI {fmt_ci(s['ci95'])})" if isinstance(s, dict) and s.get('ci95') else '')
            + f", expected calibration error {fmt_number(m.get('ece'))}.")
+    fpr = (m.get('shortcut') or {}).get('covid_fpr_normal_adult')
+    if isinstance(fpr, dict) and fpr.get('n'): txt += f" Adult Normal films called COVID-19: {fmt_number(fpr.get('value'), pct=True)} (n = {fpr['n']})."
     subs = subsets_of(m)
     if subs:
         txt += ' Accuracy by subset: ' + ', '.join(f"{k} {fmt_number(v.get('accuracy'))} (n = {fmt_number(v.get('n'))})"

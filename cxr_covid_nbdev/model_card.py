@@ -130,15 +130,17 @@ def paper_differences(meta:dict)->list: # a model's meta.json
     if (name := (meta.get('recipe') or {}).get('name', 'paper')) != 'paper': diff.append(f"the {name} recipe above")
     return diff + [f"{k} {meta[k]} instead of {v}" for k, v in PAPER_RECIPE.items() if meta.get(k) not in (None, v)]
 
+def _stats(v)->str: return '(' + ', '.join(f'{x:g}' for x in v) + ')' if v else '—'
+
 def _recipe_section(meta:dict, metrics:dict, run:dict)->list:
     r, ood = meta.get('recipe', {}), meta.get('ood') or {}
     bad = [h for h in metrics.get('history', []) if any(isinstance(v, float) and not np.isfinite(v) for v in h.values())]
     bad_epochs = ', '.join(f"{h.get('stage', '')} epoch {h.get('epoch')}".strip() for h in bad)
-    imagenet = 'yes (torchvision ImageNet weights)' if meta.get('imagenet_pretrained') else \
-               'no: trained from random initialisation, because ImageNet weights cannot be downloaded where it was trained'
+    imagenet = f"yes, from {meta.get('weights_source')}" if meta.get('imagenet_pretrained') else \
+               f"no: trained from random initialisation ({meta.get('weights_source')})"
     return ['## Recipe',
         f"- architecture: {meta.get('arch')}, fastai head; input {meta.get('size')}×{meta.get('size')} px "
-        f"(images prepared at {meta.get('prepare_size')} px), ImageNet normalisation",
+        f"(images prepared at {meta.get('prepare_size')} px), normalised with mean {_stats(meta.get('mean'))} and std {_stats(meta.get('std'))}",
         f"- ImageNet weights: {imagenet}",
         f"- epochs: {meta.get('freeze_epochs')} frozen + {meta.get('epochs')} unfrozen, "
         f"discriminative learning rates {r.get('lr_min')}..{r.get('lr_max')} ({r.get('schedule', 'one-cycle')}), batch size {r.get('bs')}, "
@@ -206,7 +208,7 @@ def _crossval_section(metrics:dict)->list:
     lines = ['## Leave-one-site-out: sites never seen in training',
              f"Each recipe trained without one site and scored on it, for every site ({', '.join(cv['groups'])}); "
              f"run {cv.get('run', '')}: {st['arch']} at {st['size']} px, {st['freeze_epochs']} + {st['epochs']} epochs, "
-             f"{'ImageNet weights' if st['pretrained'] else 'from random weights'}"
+             f"{'ImageNet weights' if st['pretrained'] else 'from random weights'} (unless a candidate says otherwise)"
              + (f", at most {st['per_class']} training images per class" if st.get('per_class') else '')
              + '. Recall is the mean over the held-out sites with at least '
              f"{next(iter(cv['summary'].values()))['min_images']} images of the class.", '',

@@ -223,14 +223,18 @@ def show(self:Registry,
 
 @patch
 def ensure_seeded(self:Registry,
-                  default:Path|str|None=None)->str|None: # the model to seed with; `core.default_model_dir()` if `None`
-    "Seed an empty registry with the shipped default model and make it production; the version, or `None`"
+                  default:Path|str|None=None)->str|None: # the model to seed with; `None`: the shipped default, after the defaults it replaced
+    "Seed an empty registry with the default model and make it production (the shipped default: on top of the earlier ones, which `rollback` returns to); the version, or `None`"
     if self.versions(): return None
-    default = Path(default) if default is not None else default_model_dir()
-    if not is_model_dir(default): return None
-    v = self.add(default, note='The default model shipped with the package.', source={'seeded_from': str(default)})
-    with self._locked(): self._set_production('seed', v, 'seeded with the shipped default model')
+    seeds = [Path(default)] if default is not None else [*previous_model_dirs(), default_model_dir()]
+    if not is_model_dir(seeds[-1]): return None
+    for i, d in enumerate(seeds):
+        last = i == len(seeds) - 1
+        v = self.add(d, note=f"The {'' if last else 'earlier '}default model shipped with the package.",
+                     source={'seeded_from': d.name if last or default is not None else f'previous/{d.name}'})
+        with self._locked(): self._set_production('seed', v, f"seeded with the {'' if last else 'earlier '}shipped default model")
     return v
+
 
 # %% ../nbs/07_registry.ipynb #79fd3b32
 @patch

@@ -64,6 +64,21 @@ def tiny_model_dir(tiny_training_data, tmp_path_factory) -> Path:
                        pretrained=False, seed=0, progress=False)
 
 
+@pytest.fixture
+def train_folder(tiny_training_data, tmp_path) -> Path:
+    "The tiny training set as a data set folder (`manifest.csv` with relative paths) that `cxr-covid train` reads"
+    d = tmp_path/'data'
+    import pandas as pd
+    from cxr_covid_nbdev.core import LABELS
+    for l in LABELS: (d/l).mkdir(parents=True)
+    rows = []
+    for p, l, pid, sp in zip(tiny_training_data.path, tiny_training_data.label, tiny_training_data.patient_id, tiny_training_data.split):
+        (d/l/Path(p).name).symlink_to(p)
+        rows.append({'path': f'{l}/{Path(p).name}', 'label': l, 'patient_id': pid, 'split': sp})
+    pd.DataFrame(rows).to_csv(d/'manifest.csv', index=False)
+    return d
+
+
 class CliResult:
     "What a `cxr-covid` run gave: `returncode`, `stdout`, `stderr`"
     def __init__(self, returncode, stdout, stderr): self.returncode, self.stdout, self.stderr = returncode, stdout, stderr

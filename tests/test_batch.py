@@ -128,19 +128,6 @@ def test_sigkill_halfway_then_rerun_gives_every_input_once(archive, tiny_model_d
     np.testing.assert_allclose(res[PROBS].to_numpy(float), local_results[PROBS].to_numpy(float), atol=1e-6, rtol=0)
 
 
-@pytest.fixture
-def train_folder(tiny_training_data, tmp_path) -> Path:
-    "The tiny training set as a data set folder (`manifest.csv` with relative paths) that `cxr-covid train` reads"
-    d = tmp_path/'data'
-    for l in LABELS: (d/l).mkdir(parents=True)
-    rows = []
-    for p, l, pid, sp in zip(tiny_training_data.path, tiny_training_data.label, tiny_training_data.patient_id, tiny_training_data.split):
-        (d/l/Path(p).name).symlink_to(p)
-        rows.append({'path': f'{l}/{Path(p).name}', 'label': l, 'patient_id': pid, 'split': sp})
-    pd.DataFrame(rows).to_csv(d/'manifest.csv', index=False)
-    return d
-
-
 def test_torchrun_two_gloo_processes_write_one_valid_model(train_folder, tmp_path):
     out = tmp_path/'models'/'m'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', '-m', 'cxr_covid_nbdev.cli',

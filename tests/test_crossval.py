@@ -38,7 +38,7 @@ def test_held_out_sites_are_disjoint_from_training(report, cxr_real):
         tr, te = loso_split(df, 'site', f['group'])
         assert f['group'] not in f['train_groups'] and set(f['train_groups']) == set(tr.site)
         assert set(tr.path).isdisjoint(te.path)
-        held = {os.path.relpath(p, cxr_real) for p in te.path}
+        held = {os.path.relpath(p, cxr_real.resolve()) for p in te.path}
         assert {p['path'] for p in f['predictions']} == held and f['n_test'] == len(held)
         assert f['n_train'] <= 6 * 4
 

