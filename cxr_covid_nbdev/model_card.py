@@ -139,14 +139,14 @@ def _recipe_section(meta:dict, metrics:dict, run:dict)->list:
     imagenet = f"yes, from {meta.get('weights_source')}" if meta.get('imagenet_pretrained') else \
                f"no: trained from random initialisation ({meta.get('weights_source')})"
     return ['## Recipe',
-        f"- architecture: {meta.get('arch')}, fastai head; input {meta.get('size')}×{meta.get('size')} px "
-        f"(images prepared at {meta.get('prepare_size')} px), normalised with mean {_stats(meta.get('mean'))} and std {_stats(meta.get('std'))}",
+        f"- architecture: {meta.get('arch')}, fastai head; input {meta.get('size')}×{meta.get('size')} px" +
+        (f" (images prepared at {meta['prepare_size']} px)" if meta.get('prepare_size') else '') + f", normalised with mean {_stats(meta.get('mean'))} and std {_stats(meta.get('std'))}",
         f"- ImageNet weights: {imagenet}",
         f"- epochs: {meta.get('freeze_epochs')} frozen + {meta.get('epochs')} unfrozen, "
         f"discriminative learning rates {r.get('lr_min')}..{r.get('lr_max')} ({r.get('schedule', 'one-cycle')}), batch size {r.get('bs')}, "
         f"mixed precision: {'yes' if r.get('mixed_precision') else 'no'}",
         *_recipe_lines(r),
-        f"- classes balanced to {r.get('balance')} training images",
+        f"- classes balanced to {r['balance']} training images" if r.get('balance') else '- classes not oversampled: the training images as they come',
         f"- trained on: {run.get('device', 'unknown')} in {run.get('train_seconds', '—')} s; seed {meta.get('seed')}",
         f"- calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split, so the calibration "
         "error below, measured on the same split, is optimistic",
@@ -238,7 +238,7 @@ _FAILURE_MODES = ['## Known failure modes',
     '- **Not Certain is narrow.** It was trained on lateral films, CT, MRI and photos only. Before the model answers, a '
     'lung-field check (`lungs.check_lungs`) refuses images without two plausible lung fields, and the DICOM header '
     'refuses other body parts and lateral views; a radiograph of another body part that passes both relies on the '
-    'out-of-distribution score, which is weak for a model trained from scratch, and can receive a confident verdict.',
+    'out-of-distribution score (see its share of the Not Certain images under Recipe), and can receive a confident verdict.',
     '- **Labels are noisy.** NIH labels were mined from reports; BIMCV COVID-19 positives include normal-looking films.',
     '- **Calibration** holds for the validation distribution only.', '']
 
