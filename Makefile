@@ -35,13 +35,22 @@ check-drift:
 # nbdev-test runs copies of the notebooks and keeps their outputs in _build/nbtest: the docs test builds the
 # site from them instead of running every notebook a second time (`docs.stage(reuse=...)`).
 # Their temporary folders go to _build/nbtmp, removed when the run ends, passed or failed: /tmp keeps nothing of them.
+# Afterwards /tmp may hold no folder it did not hold before (one made by another program meanwhile counts too).
 nbtest:
 	rm -rf _build/nbtest _build/nbtmp && mkdir -p _build/nbtest _build/nbtmp && cp nbs/*.ipynb _build/nbtest/
+	ls -A $${TMPDIR:-/tmp} | sort > _build/nbtest.tmp-before
 	CXR_SHARED=$(SHARED) CXR_DOCS_ROOT=$(CURDIR) PYTHONHASHSEED=0 MPLBACKEND=module://matplotlib_inline.backend_inline TMPDIR=$(CURDIR)/_build/nbtmp \
-	  nbdev-test _build/nbtest --n-workers 2 --timing --save; rc=$$?; rm -rf _build/nbtmp; exit $$rc
+	  nbdev-test _build/nbtest --n-workers 2 --timing --save; rc=$$?; rm -rf _build/nbtmp; \
+	left=$$(ls -A $${TMPDIR:-/tmp} | sort | comm -13 _build/nbtest.tmp-before - | while read f; do [ -d "$${TMPDIR:-/tmp}/$$f" ] && echo "$$f"; done); \
+	if [ -n "$$left" ]; then echo "the notebooks left folders in $${TMPDIR:-/tmp}: $$left"; exit 1; fi; exit $$rc
 
+# The tests' temporary folders (pytest's tmp_path and every tempfile the library makes) go to one folder,
+# removed when the run ends, passed or failed; Ray keeps its session folders where it always does.
 pytest:
-	CXR_SHARED=$(SHARED) $(PYTHON) -m pytest -q -ra --durations=30 -n 2 --dist loadgroup -p no:benchmark
+	tmp=$$(mktemp -d -t cxr-covid-pytest.XXXXXX); \
+	CXR_SHARED=$(SHARED) TMPDIR=$$tmp RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} \
+	  $(PYTHON) -m pytest -q -ra --durations=30 -n 2 --dist loadgroup -p no:benchmark --basetemp=$$tmp/basetemp; \
+	  rc=$$?; rm -rf $$tmp; exit $$rc
 
 test: install-dev browser check-drift nbtest pytest
 

@@ -164,6 +164,11 @@ def test_cli_and_papermill_runs_make_the_same_model_folder(tiny_training_data, t
     assert ma['recipe']['name'] == mb['recipe']['name'] == 'robust' and ma['input'] == mb['input']
     assert json.loads((run/'metrics.json').read_text()) == json.loads((b/'metrics.json').read_text())
     assert json.loads((run/'run.json').read_text())['parameters']['data'] and (tmp_path/'figs'/'roc.png').is_file()
+    from cxr_covid_nbdev.model_card import model_card_markdown
+    run_json = json.loads((run/'run.json').read_text())   # the run's card is rendered with its run record: device and time
+    assert (b/'model_card.md').read_text() == model_card_markdown(mb, json.loads((b/'metrics.json').read_text()),
+                                                                  json.loads((b/'training_data.json').read_text()), run_json)
+    assert f"in {run_json['train_seconds']} s" in (b/'model_card.md').read_text()
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(train_folder, tmp_path):
