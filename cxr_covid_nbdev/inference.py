@@ -6,8 +6,9 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/inference.html.md"""
 
 # %% auto #0
 __all__ = ['ABSTAIN_NOT_CERTAIN', 'ABSTAIN_OOD', 'ABSTAIN_HEADER', 'CHEST_BODY_PARTS', 'LATERAL_VIEWS', 'Preprocess', 'cache_dir',
-           'export_onnx', 'onnx_model', 'header_reason', 'Prediction', 'decide', 'model_inputs', 'Predictor', 'overlay',
-           'Explanation', 'png_base64', 'PredictionService', 'prediction_service', 'find_images', 'print_predictions']
+           'export_onnx', 'onnx_model', 'segment_lungs', 'header_reason', 'Prediction', 'decide', 'model_inputs',
+           'Predictor', 'overlay', 'Explanation', 'png_base64', 'PredictionService', 'prediction_service',
+           'find_images', 'print_predictions']
 
 # %% ../nbs/05_inference.ipynb #8af062b8
 import argparse, base64, ctypes, inspect, io, itertools, json, os, queue, secrets, sys, threading, warnings
@@ -24,7 +25,10 @@ import numpy as np
 from PIL import Image
 from .core import *
 from .data import read_radiograph, UnreadableImage, IMAGE_SUFFIXES, quality_reason
-from .lungs import LungFields, lung_fields, lung_probs, lung_input, lung_reason, model_view, segmenter, lung_share
+from functools import lru_cache
+from scipy.special import expit
+from .lungs import (LUNG_SIZE, LungFields, lung_fields, lung_probs, lung_input, lung_reason, model_view, segmenter,
+                                   segmenter_sha256, lung_share)
 
 # %% ../nbs/05_inference.ipynb #6dd14c27
 @dataclass(frozen=True)
@@ -74,11 +78,12 @@ def _ort_session(path:Path|str, threads:int|None=None):
 def export_onnx(model, # a `torch.nn.Module` in eval mode, on the CPU
                 size:int, # input side
                 path:Path|str, # where to write the `.onnx` file (atomically)
-                tol:float=1e-3)->Path: # largest logit difference accepted, relative to the largest logit (at least 1)
+                tol:float=1e-3, # largest logit difference accepted, relative to the largest logit (at least 1)
+                channels:int=3)->Path: # input channels (the lung segmenter reads 1)
     "Export `model` to ONNX with a dynamic batch axis; refuse an export whose logits differ from torch's"
     import torch
     model = model.eval().cpu()
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -98,6 +103,26 @@ def onnx_model(model, # the loaded network
     path = cache_dir()/'onnx'/f"{meta['sha256']}.onnx"
     if not path.is_file(): export_onnx(model, int(meta['size']), path)
     return path
+
+@lru_cache(maxsize=2)
+def _lung_session(pid:int): # one per process: a forked DataLoader worker makes its own
+    path = cache_dir()/'onnx'/f"lungs-{segmenter_sha256()}.onnx"
+    if not path.is_file(): export_onnx(segmenter(), LUNG_SIZE, path, channels=1)
+    return _ort_session(path)
+
+_LUNG_ONNX = {'ok': True}  # False once ONNX Runtime failed in this process: torch from then on
+
+def segment_lungs(x:np.ndarray)->np.ndarray: # an H×W image in [0, 1] (`lungs.lung_input`) -> lung probability per pixel
+    "`lungs.lung_probs` of the packaged segmenter, through ONNX Runtime (exported on first use), else torch with a warning"
+    if _LUNG_ONNX['ok']:
+        try:
+            z = np.asarray(x, np.float64)
+            z = ((z - z.mean()) / (z.std(ddof=1) + 1e-6)).astype(np.float32)  # `lungs.standardise`
+            return expit(_lung_session(os.getpid()).run(None, {'input': z[None, None]})[0][0, 0])
+        except Exception as e:
+            _LUNG_ONNX['ok'] = False
+            warnings.warn(f"ONNX Runtime cannot run the lung segmenter ({type(e).__name__}: {e}); using torch")
+    return lung_probs(segmenter(), x)
 
 # %% ../nbs/05_inference.ipynb #57d735b9
 ABSTAIN_NOT_CERTAIN = "the model judged this not to be a usable frontal chest radiograph"
@@ -165,7 +190,7 @@ def _reason(e:Exception)->str:
 
 def _lungs_of(img:Image.Image, pre:Preprocess, check_lungs:bool)->LungFields|None:
     "The lung fields of `img` when the check or the model's crop needs them (the segmenter runs once per image)"
-    return lung_fields(lung_probs(segmenter(), lung_input(pre.shrink(img)))) if check_lungs or pre.lung_crop is not None else None
+    return lung_fields(segment_lungs(lung_input(pre.shrink(img)))) if check_lungs or pre.lung_crop is not None else None
 
 def _refusals(img:Image.Image, fields:LungFields|None, check_lungs:bool)->tuple:
     "(header reason, quality or lung reason, lung probability map) of one image"

@@ -7,7 +7,7 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/retrain.html.md"""
 # %% auto #0
 __all__ = ['INBOX_COLUMNS', 'COVID', 'RETRAIN_SETTINGS', 'LockHeld', 'RetrainLock', 'InboxError', 'read_inbox_manifest',
            'check_inbox', 'merge_inbox', 'promotion_gate', 'inbox_suspect', 'audit_inbox', 'RetrainRun',
-           'template_notebook', 'default_runs_dir', 'run_retrain', 'add_commands']
+           'template_notebook', 'default_runs_dir', 'execute_here', 'run_retrain', 'add_commands']
 
 # %% ../nbs/08_retrain.ipynb #f9fed874
 import argparse, errno, fcntl, hashlib, json, os, shutil, socket, sys
@@ -455,6 +455,19 @@ def _notebook_parameters(settings:dict, out:Path, lock:RetrainLock)->dict:
     return {**{k: settings[k] for k in RETRAIN_SETTINGS}, **{k: path(settings[k]) for k in ('inbox', 'registry', 'base_data', 'external_data')},
             'size': settings['size'] or 0, 'out_dir': str(out.resolve()), 'locked': True, 'stale_lock': json.dumps(lock.stale) if lock.stale else ''}
 
+def execute_here(notebook:Path|str, # a notebook with a cell tagged `parameters`
+                 dest:Path|str, # where its executed copy goes (also when a cell fails)
+                 parameters:dict, # values assigned after the `parameters` cell, as papermill does
+                 timeout:int|None=None): # seconds per cell; `None`: no limit
+    "Execute `notebook` in this process with execnb, as papermill would in a new kernel; a failing cell's error is raised"
+    from execnb.shell import CaptureShell, read_nb, write_nb
+    nb = read_nb(notebook)
+    cell = next((c for c in nb.cells if 'parameters' in c.metadata.get('tags', [])), None)
+    if cell is None: raise ValueError(f"{notebook} has no cell tagged `parameters`")
+    cell.source += '\n# Parameters\n' + '\n'.join(f'{k} = {v!r}' for k, v in parameters.items())
+    try: CaptureShell().run_all(nb, exc_stop=True, cell_timeout=timeout)
+    finally: write_nb(nb, dest)
+
 def run_retrain(inbox:Path|str, # folder with manifest.csv (path,label,patient_id,validated_by,validated_at) and the images
                 registry:Path|str|None=None, # the registry; `None`: $CXR_COVID_REGISTRY or ~/.cxr-covid/registry
                 base_data:Path|str|None=None, # reference data with its train/valid split; `None`: the shared cxr-train
@@ -471,11 +484,11 @@ def run_retrain(inbox:Path|str, # folder with manifest.csv (path,label,patient_i
                 dry_run:bool=False, # check, merge, train and evaluate, but change nothing
                 notebook:Path|str|None=None, # the papermill notebook; `None`: `template_notebook()`
                 timeout:int|None=None, # seconds per notebook cell; `None`: no limit
+                kernel:bool=True, # run the notebook in its own papermill kernel; `False`: in this process (`execute_here`)
                )->dict: # the run's report (run.json)
     "Fine-tune production on newly validated cases and promote the candidate only if not worse: one papermill run under the lock"
     settings = dict(locals(), registry=registry if registry is not None else default_registry_dir(),
                     base_data=base_data if base_data is not None else shared_data_dir()/'cxr-train')
-    import papermill as pm  # here, not at the top: papermill's import is slow and only this command needs it
     read_inbox_manifest(inbox)  # a malformed inbox stops here, before anything is created
     notebook = Path(notebook) if notebook is not None else template_notebook()
     if not notebook.is_file(): raise FileNotFoundError(f"The retraining notebook {notebook} is missing")
@@ -485,8 +498,11 @@ def run_retrain(inbox:Path|str, # folder with manifest.csv (path,label,patient_i
         out = _new_run_dir(Path(runs_dir) if runs_dir is not None else default_runs_dir())
         params = _notebook_parameters(settings, out, lock)
         try:
-            pm.execute_notebook(str(notebook), str(out/'retrain.ipynb'), parameters=params, cwd=str(out),
-                                kernel_name='python3', progress_bar=False, execution_timeout=timeout)
+            if not kernel: execute_here(notebook, out/'retrain.ipynb', params, timeout)
+            else:
+                import papermill as pm  # here, not at the top: papermill's import is slow and only this path needs it
+                pm.execute_notebook(str(notebook), str(out/'retrain.ipynb'), parameters=params, cwd=str(out),
+                                    kernel_name='python3', progress_bar=False, execution_timeout=timeout)
         except Exception as e: _record_failure(e, out, params, registry)
     return json.loads((out/'run.json').read_text())
 

@@ -78,12 +78,13 @@ def test_model_card_is_rendered_from_metrics(default_dir):
     assert 'not a medical device' in card and meta['weights_source'] in card
 
 
-def test_the_replaced_default_is_shipped_to_roll_back_to():
-    "The ResNet-50 the default replaced is in the package, intact, and seeds a registry under the new one"
+def test_the_replaced_defaults_are_shipped_to_roll_back_to():
+    "The defaults the current one replaced (the ResNet-50, then the first EfficientNet-Lite0) are in the package, intact, oldest first"
     from cxr_covid_nbdev.core import previous_model_dirs, verify_model_dir
     old = previous_model_dirs()
-    assert [read_meta(d)['arch'] for d in old] == ['resnet50']
-    assert verify_model_dir(old[0]) == read_meta(old[0])['sha256']
+    assert [read_meta(d)['arch'] for d in old] == ['resnet50', 'efficientnet_lite0']
+    assert read_meta(old[-1])['sha256'] != read_meta(REPO/'cxr_covid_nbdev'/'models'/'default')['sha256']
+    for d in old: assert verify_model_dir(d) == read_meta(d)['sha256']
 
 
 def test_commands_use_default_model_when_registry_is_empty(default_dir, tmp_path, monkeypatch):
