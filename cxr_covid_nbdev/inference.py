@@ -13,6 +13,7 @@ __all__ = ['ABSTAIN_NOT_CERTAIN', 'ABSTAIN_OOD', 'ABSTAIN_HEADER', 'CHEST_BODY_P
 # %% ../nbs/05_inference.ipynb #8af062b8
 import argparse, base64, ctypes, inspect, io, itertools, json, os, queue, secrets, sys, threading, warnings
 from collections import OrderedDict
+from functools import lru_cache
 from concurrent.futures import Future
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,10 +26,8 @@ import numpy as np
 from PIL import Image
 from .core import *
 from .data import read_radiograph, UnreadableImage, IMAGE_SUFFIXES, quality_reason
-from functools import lru_cache
-from scipy.special import expit
-from .lungs import (LUNG_SIZE, LungFields, lung_fields, lung_probs, lung_input, lung_reason, model_view, segmenter,
-                                   segmenter_sha256, lung_share)
+from .lungs import (LUNG_SIZE, LungFields, LungProbs, lung_fields, lung_probs, lung_input, lung_reason,
+                                   model_view, segmenter, segmenter_sha256, lung_share)
 
 # %% ../nbs/05_inference.ipynb #6dd14c27
 @dataclass(frozen=True)
@@ -106,8 +105,8 @@ def onnx_model(model, # the loaded network
 
 @lru_cache(maxsize=2)
 def _lung_session(pid:int): # one per process: a forked DataLoader worker makes its own
-    path = cache_dir()/'onnx'/f"lungs-{segmenter_sha256()}.onnx"
-    if not path.is_file(): export_onnx(segmenter(), LUNG_SIZE, path, channels=1)
+    path = cache_dir()/'onnx'/f"lung-probs-{segmenter_sha256()}.onnx"
+    if not path.is_file(): export_onnx(LungProbs(segmenter()), LUNG_SIZE, path, channels=1)
     return _ort_session(path)
 
 _LUNG_ONNX = {'ok': True}  # False once ONNX Runtime failed in this process: torch from then on
@@ -115,10 +114,7 @@ _LUNG_ONNX = {'ok': True}  # False once ONNX Runtime failed in this process: tor
 def segment_lungs(x:np.ndarray)->np.ndarray: # an H×W image in [0, 1] (`lungs.lung_input`) -> lung probability per pixel
     "`lungs.lung_probs` of the packaged segmenter, through ONNX Runtime (exported on first use), else torch with a warning"
     if _LUNG_ONNX['ok']:
-        try:
-            z = np.asarray(x, np.float64)
-            z = ((z - z.mean()) / (z.std(ddof=1) + 1e-6)).astype(np.float32)  # `lungs.standardise`
-            return expit(_lung_session(os.getpid()).run(None, {'input': z[None, None]})[0][0, 0])
+        try: return _lung_session(os.getpid()).run(None, {'input': np.asarray(x, np.float32)[None, None]})[0][0, 0]
         except Exception as e:
             _LUNG_ONNX['ok'] = False
             warnings.warn(f"ONNX Runtime cannot run the lung segmenter ({type(e).__name__}: {e}); using torch")

@@ -6,8 +6,8 @@ Docs: https://cxr-covid-nbdev.github.io/cxr-covid-nbdev/lungs.html.md"""
 
 # %% auto #0
 __all__ = ['LUNG_SIZE', 'NO_LUNG_VIEWS', 'LUNG_FORMAT', 'ABSTAIN_LUNGS', 'LUNG_RULES', 'CROP_MIN_FRACTION', 'LungUNet',
-           'standardise', 'lung_mask_pairs', 'negative_pairs', 'load_pairs', 'dice', 'train_segmenter', 'lung_input',
-           'lung_probs', 'segment_dice', 'save_segmenter', 'default_segmenter_dir', 'load_segmenter',
+           'standardise', 'LungProbs', 'lung_mask_pairs', 'negative_pairs', 'load_pairs', 'dice', 'train_segmenter',
+           'lung_input', 'lung_probs', 'segment_dice', 'save_segmenter', 'default_segmenter_dir', 'load_segmenter',
            'segmenter_sha256', 'segmenter', 'fit_segmenter', 'LungFields', 'lung_fields', 'lung_reason', 'check_lungs',
            'lung_box', 'crop_to_lungs', 'model_view', 'file_lung_fields', 'lung_share', 'add_commands']
 
@@ -56,6 +56,11 @@ class LungUNet(nn.Module):
 def standardise(x:torch.Tensor)->torch.Tensor:
     "Each image of an N×1×H×W batch to zero mean and unit variance"
     return (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 1e-6)
+
+class LungProbs(nn.Module):
+    "A segmenter as it is applied: N×1×H×W images in [0, 1] -> standardised -> lung probability per pixel"
+    def __init__(self, net:nn.Module): super().__init__(); self.net = net # a `LungUNet`
+    def forward(self, x): return torch.sigmoid(self.net(standardise(x)))
 
 # %% ../nbs/01a_lungs.ipynb #51733d49
 def lung_mask_pairs(folder:Path|str, # `lung-masks/`: `manifest.csv`, `images/`, `masks/`
@@ -150,7 +155,7 @@ def lung_probs(net:nn.Module, # a `LungUNet`
     t = torch.as_tensor(np.asarray(x, np.float32))
     one = t.ndim == 2
     t = t[None, None] if one else t[:, None]
-    p = torch.sigmoid(net(standardise(t)))[:, 0].numpy()
+    p = LungProbs(net)(t)[:, 0].numpy()
     return p[0] if one else p
 
 def segment_dice(net:nn.Module, pairs:pd.DataFrame, size:int=LUNG_SIZE)->np.ndarray:
